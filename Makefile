@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON      ?= python3
+VENV        ?= .venv
+CONSTRAINTS ?= constraints.txt
+BIN         := $(VENV)/bin
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test install data bench clean
+
+$(BIN)/kdq: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/kdq
+
+# Fashion-MNIST comes from Debian's package where we may install it; kdq itself also
+# looks in $$KDQ_DATA and ~/.cache/kdq and can download the files (see README).
+data:
+	@if [ -d $(FASHION_DIR) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+		|| echo "make: could not install dataset-fashion-mnist; kdq will look elsewhere or download"; \
+	else echo "make: run 'sudo apt-get install dataset-fashion-mnist' or let kdq download Fashion-MNIST"; fi
+
+demo: install data
+	$(BIN)/kdq run examples/quickstart.yaml --out runs/quickstart
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install data
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,282 @@
+"""The Python entry points: train, distill and evaluate in a few lines.
+
+    import kdq
+    data = kdq.load_dataset("fashion-mnist")
+    teacher = kdq.train("resnet20", data, epochs=15, out="runs/teacher")
+    student = kdq.distill("cnn-small", "runs/teacher", data, temperature=4, alpha=0.7, out="runs/kd")
+    print(kdq.evaluate(student.model, data)["accuracy"])
+
+Models may be zoo names or any `torch.nn.Module`; teachers may also be run directories.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdq.data import DataBundle, Split, load_dataset
+from kdq.distill import Distiller, KDLoss
+from kdq.engine import (
+    FitResult,
+    TrainConfig,
+    classification_metrics,
+    count_params,
+    environment,
+    fit,
+    measure_speed,
+    predict,
+)
+from kdq.errors import KdqError
+from kdq.models import create_model, model_info
+from kdq.report.plots import plot_confusion, plot_history
+from kdq.rundir import WEIGHTS, load_model, save_model, write_config, write_results
+
+
+@dataclass
+class Run:
+    """What a training command produced: the trained model, its directory and its results."""
+
+    model: nn.Module
+    dir: Path | None
+    results: dict[str, Any]
+    fit: FitResult | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_data(data: str | DataBundle, **options: Any) -> tuple[DataBundle, dict[str, Any]]:
+    """A DataBundle and the record of how to load it again (for config.yaml)."""
+    if isinstance(data, DataBundle):
+        return data, {"name": data.name}
+    options = {k: v for k, v in options.items() if v is not None}
+    if "data_dir" in options:
+        options["data_dir"] = str(options["data_dir"])
+    return load_dataset(data, **options), {"name": data, **options}
+
+
+def data_meta(data: DataBundle) -> dict[str, Any]:
+    """What a saved model needs to know about its inputs and outputs."""
+    return {
+        "dataset": data.name,
+        "classes": list(data.classes),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "input_shape": list(data.input_shape),
+    }
+
+
+def build_model(model: str | nn.Module, data: DataBundle, **kwargs: Any) -> nn.Module:
+    """A zoo model sized for `data`, or the user's module unchanged."""
+    if isinstance(model, nn.Module):
+        return model
+    entry = model_info(model)
+    image_data = len(data.input_shape) == 3
+    if entry.input_kind == "image" and not image_data:
+        raise KdqError(f"model {model!r} needs images but data set {data.name!r} is tabular; use mlp or mlp-small")
+    in_channels = data.input_shape[0] if entry.input_kind == "image" else math.prod(data.input_shape)
+    return create_model(model, data.num_classes, in_channels, **kwargs)
+
+
+def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module:
+    """A teacher from a run directory or a module, checked against the data's classes."""
+    if isinstance(teacher, nn.Module):
+        out = predict(teacher, data.val.x[:2])
+        if out.shape[1] != data.num_classes:
+            raise KdqError(
+                f"the teacher outputs {out.shape[1]} classes but {data.name} has {data.num_classes}; "
+                "use a teacher trained on this data set"
+            )
+        return teacher
+    model, meta = load_model(teacher)
+    if list(meta.get("classes", [])) != list(data.classes):
+        raise KdqError(
+            f"teacher {teacher} was trained on {meta.get('dataset')} ({len(meta.get('classes', []))} classes) "
+            f"but the data is {data.name} ({data.num_classes} classes); train a teacher on {data.name} first"
+        )
+    return _renormalized(model, meta, data)
+
+
+def _renormalized(model: nn.Module, meta: dict[str, Any], data: DataBundle) -> nn.Module:
+    """Wrap a model whose saved normalisation differs from the data's (other split, other seed)."""
+    if meta.get("mean") == list(data.mean) and meta.get("std") == list(data.std):
+        return model
+    return _Renormalize(model, data.mean, data.std, meta["mean"], meta["std"], len(data.input_shape))
+
+
+class _Renormalize(nn.Module):
+    def __init__(self, model, mean_in, std_in, mean_out, std_out, ndim) -> None:  # noqa: ANN001
+        super().__init__()
+        shape = (1, -1) + (1,) * (ndim - 1)
+        t = lambda v: torch.tensor(v, dtype=torch.float32).reshape(shape)  # noqa: E731
+        self.register_buffer("scale", t(std_in) / t(std_out))
+        self.register_buffer("shift", (t(mean_in) - t(mean_out)) / t(std_out))
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+def train(
+    model: str | nn.Module,
+    data: str | DataBundle = "fashion-mnist",
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    data_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Run:
+    """Train a model with cross-entropy; options are TrainConfig fields (epochs, lr, ...)."""
+    bundle, data_record = resolve_data(data, **(data_options or {}))
+    net = build_model(model, bundle, **(model_kwargs or {}))
+    cfg = TrainConfig.from_dict(options)
+    record = {"command": "train", "data": data_record, "model": _spec(net), "train": cfg.to_dict()}
+    return _train_and_report(net, bundle, cfg, out, record, objective=None, resume=resume)
+
+
+def distill(
+    student: str | nn.Module,
+    teacher: str | Path | nn.Module,
+    data: str | DataBundle = "fashion-mnist",
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    teacher_mode: str = "online",
+    out: str | Path | None = None,
+    resume: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    data_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Run:
+    """Hinton distillation of `teacher` into `student` (see kdq.distill.KDLoss)."""
+    loss = KDLoss(temperature, alpha, options.get("label_smoothing", 0.0))
+    cfg = TrainConfig.from_dict(options)
+    if teacher_mode == "cached" and (cfg.mixup > 0 or cfg.cutmix > 0):
+        raise KdqError("a cached teacher cannot score mixed images; use teacher_mode='online' with mixup/cutmix")
+    bundle, data_record = resolve_data(data, **(data_options or {}))
+    teacher_net = load_teacher(teacher, bundle)
+    net = build_model(student, bundle, **(model_kwargs or {}))
+    objective = Distiller(teacher_net, loss, teacher_mode, cfg.eval_batch_size)
+    record = {
+        "command": "distill",
+        "data": data_record,
+        "model": _spec(net),
+        "train": cfg.to_dict(),
+        "distill": {
+            "teacher": str(teacher) if not isinstance(teacher, nn.Module) else type(teacher).__name__,
+            "temperature": temperature,
+            "alpha": alpha,
+            "teacher_mode": teacher_mode,
+        },
+    }
+    return _train_and_report(net, bundle, cfg, out, record, objective=objective, resume=resume)
+
+
+def _spec(model: nn.Module) -> dict[str, Any]:
+    return getattr(model, "kdq_spec", None) or {"name": None, "class": type(model).__name__}
+
+
+def _train_and_report(net, bundle, cfg, out, record, *, objective, resume) -> Run:  # noqa: ANN001
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        write_config(out_dir, record)
+    start = time.perf_counter()
+    result = fit(net, bundle, cfg, out_dir, objective=objective, resume=resume)
+    train_time = time.perf_counter() - start
+    if out_dir is not None:
+        save_model(out_dir, net, data_meta(bundle))
+        if result.history:
+            plot_history(result.history, out_dir / "training_curves.png", title=str(record["model"].get("name")))
+    weights = out_dir / WEIGHTS if out_dir is not None else None
+    results = evaluate(net, bundle, out=out_dir, weights=weights)
+    results.update(
+        best_epoch=result.best_epoch,
+        best_val_accuracy=result.best_val_accuracy,
+        epochs_run=result.epochs_run,
+        stopped_early=result.stopped_early,
+        train_time_s=train_time,
+    )
+    if out_dir is not None:
+        write_results(out_dir, results)
+    return Run(net, out_dir, results, result, record)
+
+
+def evaluate(
+    model: nn.Module | str | Path,
+    data: str | DataBundle | None = None,
+    *,
+    out: str | Path | None = None,
+    split: str = "test",
+    speed: bool = True,
+    weights: Path | None = None,
+) -> dict[str, Any]:
+    """Accuracy (overall, top-5, per class), confusion matrix, params, size on disk, speed.
+
+    `model` is a module or a run directory; with a run directory and no `data`, the data set
+    it was trained on is used. With `out`, writes results.json and confusion_matrix.png there.
+    `weights` names the module's saved weights file, for the size on disk.
+    """
+    weights_path = weights
+    if not isinstance(model, nn.Module):
+        run_dir = Path(model)
+        from kdq.rundir import read_config
+
+        if data is None:
+            data = read_config(run_dir).get("data", {}).get("name")
+            if data is None:
+                raise KdqError(f"{run_dir} does not record its data set; pass --data NAME")
+        bundle, _ = resolve_data(data, **_data_options(run_dir, data))
+        model = load_teacher(run_dir, bundle)  # same class and normalisation checks
+        weights_path = run_dir / WEIGHTS
+        out = run_dir if out is None else out
+    else:
+        if data is None:
+            raise KdqError("evaluate needs data when given a module: kdq.evaluate(model, data)")
+        bundle, _ = resolve_data(data)
+    if split not in ("test", "val", "train"):
+        raise KdqError(f"split must be test, val or train, got {split!r}")
+    part: Split = getattr(bundle, split)
+
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    logits = predict(model, part.x.to(device))
+    results: dict[str, Any] = {"runtime": "pytorch", "dataset": bundle.name, "split": split}
+    results.update(classification_metrics(logits, part.y, list(bundle.classes)))
+    results["params"] = count_params(model)
+    results["size_bytes"] = _size_on_disk(model, weights_path)
+    if speed:
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        model.eval()
+        results.update(measure_speed(model, part.x[:1].to(device), synchronize=sync))
+    results["environment"] = environment()
+    if out is not None:
+        out = Path(out)
+        write_results(out, results)
+        plot_confusion(results["confusion_matrix"], list(bundle.classes), out / "confusion_matrix.png",
+                       title=f"{bundle.name} {split}: accuracy {results['accuracy']:.4f}")
+    return results
+
+
+def _data_options(run_dir: Path, data: str | DataBundle) -> dict[str, Any]:
+    """Reuse the run's own data options (data dir, split seed, subset) when it is the same data set."""
+    from kdq.rundir import read_config
+
+    if isinstance(data, DataBundle):
+        return {}
+    recorded = dict(read_config(run_dir).get("data", {}))
+    return {k: v for k, v in recorded.items() if k != "name"} if recorded.get("name") == data else {}
+
+
+def _size_on_disk(model: nn.Module, weights_path: Path | None) -> int:
+    """Bytes of the saved safetensors weights (saved to a temporary file when not on disk yet)."""
+    if weights_path is not None and weights_path.exists():
+        return weights_path.stat().st_size
+    from kdq.io import save_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_weights(Path(tmp) / WEIGHTS, model.state_dict()).stat().st_size

@@ -1,0 +1,206 @@
+"""The `kdq` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdq.engine.config import TrainConfig
+from kdq.errors import KdqError
+
+EXIT_USAGE = 2
+
+_TRAIN_HELP = {
+    "epochs": "training epochs",
+    "batch_size": "batch size",
+    "optimizer": "sgd (Nesterov momentum) or adamw",
+    "lr": "peak learning rate",
+    "schedule": "cosine, onecycle or constant",
+    "warmup_epochs": "linear warm-up length in epochs",
+    "patience": "stop after this many epochs without a better validation accuracy",
+    "device": "auto, cpu or cuda",
+    "amp": "mixed precision on CUDA",
+    "augment": "random crop/flip where the data set allows it",
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaulting to None so only what the user typed is passed on."""
+    group = parser.add_argument_group("training options")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = _TRAIN_HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": int}.get(f.type, str)
+            group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def _add_data_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("data options")
+    group.add_argument("--data", required=required, help="data set name (see `kdq datasets`)")
+    group.add_argument("--data-dir", help="folder holding the data set's files")
+    group.add_argument("--val-size", type=float, help="validation samples (count, or fraction < 1) carved from train")
+    group.add_argument("--subset", type=int, help="use only this many training and test samples (quick runs)")
+    group.add_argument("--split-seed", type=int, dest="split_seed", help="seed of the validation split")
+    group.add_argument("--no-download", action="store_true", help="never download missing files")
+
+
+def _parse_model_args(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KdqError(f"--model-arg {item!r} must look like NAME=VALUE, e.g. width=2")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdq", description="Distill, quantize and measure neural networks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("datasets", help="list the data sets and where their files are")
+    models = sub.add_parser("models", help="list the model zoo")
+    models.add_argument("pattern", nargs="?", default="*", help="glob, e.g. 'resnet*'")
+
+    for name, help_text in (("train", "train a model with cross-entropy"), ("distill", "distill a teacher into a student")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="zoo model name (see `kdq models`)")
+        p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE", help="model keyword argument")
+        p.add_argument("--out", required=True, help="run directory to write")
+        p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+        if name == "distill":
+            p.add_argument("--teacher", required=True, help="the teacher's run directory")
+            p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T (default 4)")
+            p.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term (default 0.7)")
+            p.add_argument("--teacher-mode", choices=("online", "cached"), default="online",
+                           help="run the teacher on every batch, or once over the training set")
+        _add_data_options(p)
+        _add_train_options(p)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run directory")
+    ev.add_argument("run", help="run directory")
+    ev.add_argument("--split", default="test", choices=("test", "val", "train"))
+    ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
+    _add_data_options(ev, required=False)
+
+    run = sub.add_parser("run", help="run a multi-stage YAML experiment")
+    run.add_argument("experiment", help="YAML file, e.g. examples/quickstart.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a value: a stage's (teacher.epochs=2) or a section's (data.subset=1000)")
+    run.add_argument("--out", help="output folder (default: the file's `out`, else runs/<name>)")
+    return parser
+
+
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    val = args.val_size
+    return {
+        "data_dir": args.data_dir,
+        "val_size": int(val) if val is not None and val >= 1 else val,
+        "subset": args.subset,
+        "seed": args.split_seed,
+        "download": False if args.no_download else None,
+    }
+
+
+def _train_options(args: argparse.Namespace) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra"]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    keys = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "runtime")
+    print(json.dumps({k: results[k] for k in keys if k in results}, indent=2))
+
+
+def _cmd_datasets(args: argparse.Namespace) -> None:
+    from kdq.data import list_datasets
+    from kdq.report.table import markdown_table
+
+    rows = [{**d, "input_shape": "x".join(map(str, d["input_shape"]))} for d in list_datasets()]
+    cols = (("name", "name"), ("input_shape", "input"), ("num_classes", "classes"), ("location", "files"))
+    print(markdown_table(rows, cols))
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from kdq.models import create_model, list_models, model_info
+    from kdq.report.table import markdown_table
+
+    rows = []
+    for name in list_models(args.pattern):
+        entry = model_info(name)
+        in_ch = 3 if entry.input_kind == "image" else 20
+        params = sum(p.numel() for p in create_model(name, 10, in_ch).parameters())
+        rows.append({"name": name, "input": entry.input_kind, "params": f"{params:,}", "about": entry.description})
+    if not rows:
+        raise KdqError(f"no model matches {args.pattern!r}; run `kdq models` to see them all")
+    print(markdown_table(rows, (("name", "name"), ("input", "input"), ("params", "params (10 classes)"), ("about", "description"))))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from kdq import api
+
+    common = dict(out=args.out, resume=args.resume, model_kwargs=_parse_model_args(args.model_arg),
+                  data_options=_data_options(args), **_train_options(args))
+    if args.command == "train":
+        run = api.train(args.model, args.data, **common)
+    else:
+        run = api.distill(args.model, args.teacher, args.data, temperature=args.temperature, alpha=args.alpha,
+                          teacher_mode=args.teacher_mode, **common)
+    _print_results(run.results)
+    print(f"wrote {Path(args.out)}/ (model.safetensors, model.json, results.json, metrics.jsonl)", file=sys.stderr)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from kdq import api
+
+    data = None
+    if args.data is not None:
+        data, _ = api.resolve_data(args.data, **_data_options(args))
+    results = api.evaluate(args.run, data, split=args.split, speed=not args.no_speed)
+    _print_results(results)
+    print(f"wrote {Path(args.run) / 'results.json'} and confusion_matrix.png", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from kdq.config import load_experiment
+    from kdq.experiment import run_experiment
+
+    run_experiment(load_experiment(args.experiment, args.set), args.out)
+
+
+COMMANDS = {
+    "datasets": _cmd_datasets,
+    "models": _cmd_models,
+    "train": _cmd_train,
+    "distill": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "run": _cmd_run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KdqError as exc:
+        print(f"kdq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdq: interrupted; rerun the same command with --resume (kdq run resumes by itself)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""YAML experiments: plain data, validated against typed schemas before any work starts.
+
+    name: quickstart
+    data: {name: fashion-mnist, subset: 20000}
+    train: {batch_size: 128}              # defaults for every stage
+    stages:
+      teacher:  {kind: train, model: resnet20, epochs: 4}
+      baseline: {kind: train, model: cnn-small, epochs: 4}
+      kd:       {kind: distill, model: cnn-small, teacher: teacher, temperature: 4, alpha: 0.7}
+    compare: {baseline: baseline, student: kd}
+
+Overrides `KEY.PATH=VALUE` address a stage by its name first (`teacher.epochs=2`), else a
+top-level section (`data.subset=1000`, `train.lr=0.1`); values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdq.distill import TEACHER_MODES, KDLoss
+from kdq.engine.config import TrainConfig
+from kdq.errors import KdqError, suggest
+
+TOP_LEVEL = ("name", "out", "data", "train", "stages", "compare")
+DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download")
+STAGE_KINDS = ("train", "distill")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
+STAGE_KEYS = ("kind", "model", "model_args", "teacher", "temperature", "alpha", "teacher_mode") + TRAIN_KEYS
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    model: str
+    train: TrainConfig
+    model_args: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None  # an earlier stage's name, or a run directory
+    temperature: float = 4.0
+    alpha: float = 0.7
+    teacher_mode: str = "online"
+
+
+@dataclass
+class Experiment:
+    name: str
+    data: dict[str, Any]
+    stages: list[Stage]
+    compare: dict[str, str]
+    out: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read, override and validate an experiment file; every problem is one KdqError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdqError(f"experiment file {str(path)!r} not found; see examples/quickstart.yaml for the format")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise KdqError(f"{path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise KdqError(f"{path} must be a YAML mapping with keys {', '.join(TOP_LEVEL)}")
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_experiment(raw, default_name=path.stem)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override in place."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise KdqError(f"override {item!r} must look like KEY=VALUE, e.g. teacher.epochs=2")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    stages = raw.get("stages") or {}
+    if parts[0] in stages and parts[0] not in TOP_LEVEL:
+        parts = ["stages", *parts]
+    elif parts[0] not in TOP_LEVEL:
+        choices = list(TOP_LEVEL) + list(stages)
+        raise KdqError(f"override {key!r}: {parts[0]!r} is neither a stage nor a section{suggest(parts[0], choices)}")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KdqError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise KdqError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(values: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in values:
+        if key not in allowed:
+            raise KdqError(f"unknown key {key!r} in {where}{suggest(str(key), allowed)}; allowed: {', '.join(allowed)}")
+
+
+def parse_experiment(raw: dict[str, Any], default_name: str = "experiment") -> Experiment:
+    _check_keys(raw, TOP_LEVEL, "the experiment")
+    data = _mapping(raw.get("data"), "data")
+    _check_keys(data, DATA_KEYS, "data")
+    if "name" not in data:
+        raise KdqError("data.name is required, e.g. data: {name: fashion-mnist}")
+    defaults = _mapping(raw.get("train"), "train")
+    _check_keys(defaults, TRAIN_KEYS, "train")
+    stages_raw = _mapping(raw.get("stages"), "stages")
+    if not stages_raw:
+        raise KdqError("the experiment has no stages; add at least one under `stages:`")
+    stages: list[Stage] = []
+    for name, body in stages_raw.items():
+        stages.append(_parse_stage(str(name), _mapping(body, f"stage {name!r}"), defaults, [s.name for s in stages]))
+    compare = _mapping(raw.get("compare"), "compare")
+    _check_keys(compare, ("baseline", "student", "teacher"), "compare")
+    for role, stage in compare.items():
+        if stage not in stages_raw:
+            raise KdqError(f"compare.{role} names stage {stage!r}, which does not exist{suggest(str(stage), stages_raw)}")
+    return Experiment(str(raw.get("name", default_name)), data, stages, compare, raw.get("out"), raw)
+
+
+def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: list[str]) -> Stage:
+    where = f"stage {name!r}"
+    _check_keys(body, STAGE_KEYS, where)
+    kind = body.get("kind", "distill" if "teacher" in body else "train")
+    if kind not in STAGE_KINDS:
+        raise KdqError(f"{where}: kind must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+    if "model" not in body:
+        raise KdqError(f"{where} needs a model, e.g. model: cnn-small (see `kdq models`)")
+    train_values = {**defaults, **{k: v for k, v in body.items() if k in TRAIN_KEYS}}
+    try:
+        train = TrainConfig.from_dict(train_values)
+    except TypeError as exc:
+        raise KdqError(f"{where}: {exc}") from None
+    except KdqError as exc:
+        raise KdqError(f"{where}: {exc}") from None
+    stage = Stage(name, kind, str(body["model"]), train, _mapping(body.get("model_args"), f"{where} model_args"))
+    if kind == "distill":
+        teacher = body.get("teacher")
+        if teacher is None:
+            raise KdqError(f"{where} distills but names no teacher; add teacher: <earlier stage or run directory>")
+        if teacher not in earlier and not Path(str(teacher)).exists():
+            raise KdqError(
+                f"{where}: teacher {teacher!r} is neither an earlier stage nor a run directory"
+                f"{suggest(str(teacher), earlier)}"
+            )
+        stage.teacher = str(teacher)
+        stage.temperature = body.get("temperature", 4.0)
+        stage.alpha = body.get("alpha", 0.7)
+        stage.teacher_mode = body.get("teacher_mode", "online")
+        try:
+            KDLoss(stage.temperature, stage.alpha)
+        except KdqError as exc:
+            raise KdqError(f"{where}: {exc}") from None
+        if stage.teacher_mode not in TEACHER_MODES:
+            raise KdqError(f"{where}: teacher_mode must be one of {', '.join(TEACHER_MODES)}")
+    return stage

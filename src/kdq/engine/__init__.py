@@ -1,0 +1,12 @@
+"""Training and evaluation loops."""
+
+from kdq.engine.config import TrainConfig
+from kdq.engine.device import resolve_device, seed_everything
+from kdq.engine.evaluate import classification_metrics, count_params, environment, measure_speed, predict
+from kdq.engine.objectives import CrossEntropy, Objective
+from kdq.engine.train import FitResult, fit
+
+__all__ = [
+    "TrainConfig", "FitResult", "fit", "predict", "classification_metrics", "count_params",
+    "measure_speed", "environment", "resolve_device", "seed_everything", "CrossEntropy", "Objective",
+]

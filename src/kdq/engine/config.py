@@ -1,0 +1,85 @@
+"""The typed, self-validating set of training hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdq.errors import KdqError, suggest
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes one training run. Invalid values fail here, before any work."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # SGD with Nesterov momentum: the strong default for small convnets
+    lr: float = 0.05  # peak learning rate, reached after warm-up
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.5  # a short linear ramp keeps BN statistics sane at high lr
+    label_smoothing: float = 0.0
+    augment: bool = True  # random crop / flip where the data set allows it
+    mixup: float = 0.0  # Beta(alpha, alpha) parameter; 0 turns it off
+    cutmix: float = 0.0
+    patience: int | None = None  # early stopping after this many epochs without a better val accuracy
+    seed: int = 0
+    deterministic: bool = False
+    amp: bool = True  # mixed precision, used only on CUDA
+    device: str = "auto"
+    eval_batch_size: int = 512
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, f.type, getattr(self, f.name))
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0 turns them off)")
+        _check(self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from plain data (YAML, CLI), rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in values:
+            if key not in known:
+                raise KdqError(f"unknown training option {key!r}{suggest(key, known)}; options: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("extra")
+        return out
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """YAML and the CLI hand us loosely typed values; reject a wrong type by name."""
+    base, _, optional = annotation.partition(" | ")
+    if base not in _TYPES or (optional == "None" and value is None):
+        return
+    ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+    _check(ok, f"{name} must be {_TYPE_WORDS[base]}, got {value!r}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise KdqError(message)

@@ -1,0 +1,243 @@
+"""The training loop: tensors in memory, whole-batch augmentation, resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdq.data import BatchLoader, DataBundle, cutmix, mixup
+from kdq.engine.config import TrainConfig
+from kdq.engine.device import autocast, resolve_device, seed_everything
+from kdq.engine.evaluate import predict
+from kdq.engine.objectives import CrossEntropy, Objective
+from kdq.io import append_jsonl, load_checkpoint, load_weights, save_checkpoint, save_weights, write_text
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.safetensors"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Weight decay on BN affine parameters and biases only hurts small nets; exempt 1-D tensors.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    if cfg.schedule == "onecycle":
+        # OneCycleLR divides by the warm-up length in steps, so it must span at least two
+        pct = min(max(warmup, 2) / total, 0.5)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+
+
+def _mix(x, y, num_classes: int, cfg: TrainConfig, gen: torch.Generator):
+    """Apply mixup or cutmix (one per batch, chosen at random when both are on)."""
+    use_mixup = cfg.mixup > 0 and (cfg.cutmix == 0 or torch.rand((), generator=gen) < 0.5)
+    if use_mixup:
+        return mixup(x, y, num_classes, cfg.mixup, gen)
+    return cutmix(x, y, num_classes, cfg.cutmix, gen)
+
+
+def _val_metrics(model: nn.Module, data: DataBundle, cfg: TrainConfig) -> tuple[float, float]:
+    logits = predict(model, data.val.x, cfg.eval_batch_size)
+    y = data.val.y.to(logits.device)
+    loss = nn.functional.cross_entropy(logits, y).item()
+    return (logits.argmax(1) == y).float().mean().item(), loss
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    objective: Objective | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Train `model` on `data.train`, select the epoch with the best validation accuracy.
+
+    With `out_dir`, every epoch appends to metrics.jsonl and atomically rewrites
+    checkpoint.pt (model, optimizer, schedule, RNG state), so `resume=True` continues an
+    interrupted run; on the CPU it reaches the same final weights as an uninterrupted run.
+    On return the model holds the best epoch's weights.
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    model.to(device)
+    data = data.to(device)
+    objective = objective or CrossEntropy(cfg.label_smoothing)
+    if hasattr(objective, "prepare"):
+        objective.prepare(data.train, device)
+
+    augment = cfg.augment
+    loader = BatchLoader(
+        data.train,
+        cfg.batch_size,
+        shuffle=True,
+        crop_padding=data.crop_padding if augment else 0,
+        flip=data.flip and augment,
+        # a last batch of one sample breaks batch norm; drop the ragged tail when there is more than one batch
+        drop_last=len(data.train) > cfg.batch_size,
+    )
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "bad_epochs": 0}
+    history: list[dict[str, Any]] = []
+    best_memory: dict[str, torch.Tensor] | None = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / CHECKPOINT).exists():
+            ckpt = load_checkpoint(out / CHECKPOINT)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"])
+            if device.type == "cuda" and "cuda_rng" in ckpt:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"])
+            state = {k: ckpt[k] for k in state}
+            history = _read_history(out / METRICS, state["epoch"])
+            print(f"kdq: resuming from epoch {state['epoch']} of {cfg.epochs}", file=sys.stderr)
+        else:
+            (out / METRICS).unlink(missing_ok=True)
+
+    stopped_early = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
+            stopped_early = True
+            break
+        # One generator per epoch, seeded from (seed, epoch): shuffling and augmentation of a
+        # resumed epoch are exactly those of an uninterrupted run.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        record = _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch)
+        val_acc, val_loss = _val_metrics(model, data, cfg)
+        record.update(val_accuracy=val_acc, val_loss=val_loss)
+        improved = val_acc > state["best_val_accuracy"]
+        if improved:
+            state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1, bad_epochs=0)
+            if out is not None:
+                save_weights(out / BEST, model.state_dict())
+            else:
+                best_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        history.append(record)
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+            f"train {record['train_accuracy']:.4f}  val {val_acc:.4f}{'  *' if improved else ''}  "
+            f"{record['images_per_s']:.0f} img/s",
+            file=sys.stderr,
+        )
+        if out is not None:
+            append_jsonl(out / METRICS, record)
+            save_checkpoint(out / CHECKPOINT, _checkpoint(model, optimizer, scheduler, scaler, state, device))
+
+    if out is not None and (out / BEST).exists():
+        model.load_state_dict(load_weights(out / BEST))
+    elif best_memory is not None:
+        model.load_state_dict(best_memory)
+    return FitResult(state["best_epoch"], state["best_val_accuracy"], state["epoch"], stopped_early, history)
+
+
+def _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch) -> dict:
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=device)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(
+        total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True,
+    )
+    for step, (x, y, idx) in enumerate(loader.epoch(gen)):
+        targets = y
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            x, targets = _mix(x, y, data.num_classes, cfg, gen)
+        with autocast(device, cfg.amp):
+            logits = model(x)
+            terms = objective(logits, targets, x, idx)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        # Accumulate on the device; reading a value back would force a sync every step.
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        bar.update()
+        if step % 20 == 0 and not bar.disable:
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{(sums['loss'] / seen).item():.3f}",
+                            acc=f"{(correct / seen).item():.3f}", img_s=f"{rate:.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+    for name, total in sums.items():
+        record["train_loss" if name == "loss" else f"train_{name}"] = (total / seen).item()
+    record.update(train_accuracy=(correct / seen).item(), epoch_time_s=elapsed, images_per_s=seen / elapsed)
+    return record
+
+
+def _checkpoint(model, optimizer, scheduler, scaler, state, device) -> dict[str, Any]:
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        **state,
+    }
+    if device.type == "cuda":
+        ckpt["cuda_rng"] = torch.cuda.get_rng_state()
+    return ckpt
+
+
+def _read_history(path: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """Keep the metrics of the epochs the checkpoint covers; drop lines of a lost epoch."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows

@@ -1,0 +1,111 @@
+"""Run a multi-stage YAML experiment and compare its models in one table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdq import api
+from kdq.config import Experiment, Stage
+from kdq.io import read_json, write_json, write_text
+from kdq.report.table import human_bytes, markdown_table
+from kdq.rundir import read_results
+
+STAGE_FILE = "stage.json"
+COLUMNS = (
+    ("stage", "model"),
+    ("arch", "architecture"),
+    ("params", "params"),
+    ("size", "size"),
+    ("accuracy", "accuracy"),
+    ("latency", "latency b=1 (ms)"),
+    ("throughput", "throughput (img/s)"),
+    ("train_time", "train time (s)"),
+)
+
+
+def run_experiment(exp: Experiment, out: str | Path | None = None) -> dict[str, Any]:
+    """Run every stage in order into `out/<stage>`, then write and print the summary.
+
+    A stage whose directory already holds finished results for the same configuration is
+    reused, and an interrupted one resumes from its last checkpoint: rerunning the same
+    command after a crash loses nothing that was finished.
+    """
+    root = Path(out or exp.out or Path("runs") / exp.name)
+    bundle, data_record = api.resolve_data(exp.data["name"], **{k: v for k, v in exp.data.items() if k != "name"})
+    results: dict[str, dict[str, Any]] = {}
+    for stage in exp.stages:
+        stage_dir = root / stage.name
+        print(f"== {exp.name}: stage {stage.name} ({stage.kind} {stage.model}) -> {stage_dir}", file=sys.stderr)
+        results[stage.name] = _run_stage(stage, bundle, data_record, stage_dir, root, results)
+    summary = summarize(exp, results)
+    write_json(root / "summary.json", summary)
+    write_text(root / "summary.md", summary["table"] + "\n\n" + "\n".join(summary["notes"]) + "\n")
+    print(summary["table"])
+    for note in summary["notes"]:
+        print(note)
+    return summary
+
+
+def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Path, root: Path,
+               earlier: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    teacher = None
+    if stage.teacher is not None:
+        teacher = str(root / stage.teacher) if stage.teacher in earlier else stage.teacher
+    options = stage.train.to_dict()
+    # What the stage's results depend on; equal fingerprints mean the finished run can be reused.
+    fingerprint = {
+        "kind": stage.kind, "model": stage.model, "model_args": stage.model_args, "train": options,
+        "data": data_record, "teacher": teacher, "temperature": stage.temperature, "alpha": stage.alpha,
+        "teacher_mode": stage.teacher_mode,
+    }
+    same = read_json(stage_dir / STAGE_FILE) == fingerprint if (stage_dir / STAGE_FILE).exists() else False
+    finished = read_results(stage_dir)
+    if same and finished:
+        print(f"   reusing finished stage {stage.name} (delete {stage_dir} to retrain)", file=sys.stderr)
+        return {**finished, "arch": stage.model}
+    write_json(stage_dir / STAGE_FILE, fingerprint)
+    common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
+    if stage.kind == "train":
+        run = api.train(stage.model, bundle, **common)
+    else:
+        run = api.distill(stage.model, teacher, bundle, temperature=stage.temperature, alpha=stage.alpha,
+                          teacher_mode=stage.teacher_mode, **common)
+    return {**run.results, "arch": stage.model}
+
+
+def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows = []
+    for name, r in results.items():
+        rows.append({
+            "stage": name,
+            "arch": r["arch"],
+            "params": f"{r['params']:,}",
+            "size": human_bytes(r["size_bytes"]),
+            "accuracy": f"{r['accuracy']:.4f}",
+            "latency": f"{r['latency_ms_batch1']:.3f}",
+            "throughput": f"{r['throughput_per_s']:.0f}",
+            "train_time": f"{r.get('train_time_s', 0):.0f}",
+        })
+    notes = []
+    compare = exp.compare
+    if "baseline" in compare and "student" in compare:
+        base, student = results[compare["baseline"]], results[compare["student"]]
+        gain = (student["accuracy"] - base["accuracy"]) * 100
+        notes.append(
+            f"KD gain: {gain:+.2f} accuracy points ({compare['student']} {student['accuracy']:.4f} "
+            f"vs {compare['baseline']} {base['accuracy']:.4f}, same architecture and budget)"
+        )
+    if "teacher" in compare and "student" in compare:
+        teacher, student = results[compare["teacher"]], results[compare["student"]]
+        notes.append(
+            f"student vs teacher: {teacher['params'] / student['params']:.1f}x fewer parameters, "
+            f"{teacher['size_bytes'] / student['size_bytes']:.1f}x smaller on disk, "
+            f"{teacher['latency_ms_batch1'] / student['latency_ms_batch1']:.1f}x lower batch-1 latency, "
+            f"{(teacher['accuracy'] - student['accuracy']) * 100:.2f} points less accurate"
+        )
+    env = next(iter(results.values()))["environment"]
+    notes.append(f"measured on {env['device']} with {env['threads']} threads, torch {env['torch']}")
+    return {"experiment": exp.name, "table": markdown_table(rows, COLUMNS), "notes": notes, "stages": results}
+

@@ -1,0 +1,6 @@
+"""Tables and figures."""
+
+from kdq.report.plots import plot_confusion, plot_history
+from kdq.report.table import human_bytes, markdown_table
+
+__all__ = ["plot_confusion", "plot_history", "markdown_table", "human_bytes"]
