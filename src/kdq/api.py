@@ -225,8 +225,9 @@ def evaluate(
     weights_path = weights
     if not isinstance(model, nn.Module):
         run_dir = Path(model)
-        from kdq.rundir import read_config
+        from kdq.rundir import read_config, read_model_meta
 
+        read_model_meta(run_dir)  # a missing or unfinished run fails here, by name
         if data is None:
             data = read_config(run_dir).get("data", {}).get("name")
             if data is None:

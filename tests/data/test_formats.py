@@ -13,8 +13,8 @@ from kdq.errors import KdqError
 
 
 @pytest.mark.parametrize("gz", [True, False])
-def test_idx_round_trip(tmp_path, gz):
-    arrays = F.write_mnist(tmp_path, gz=gz)
+def test_idx_round_trip(tmp_path, gz, datafiles):
+    arrays = datafiles.write_mnist(tmp_path, gz=gz)
     suffix = ".gz" if gz else ""
     x, y = formats.read_idx_pair(tmp_path / f"train-images-idx3-ubyte{suffix}", tmp_path / f"train-labels-idx1-ubyte{suffix}")
     assert x.shape == (60, 1, 28, 28) and x.dtype == np.uint8
@@ -23,54 +23,61 @@ def test_idx_round_trip(tmp_path, gz):
     assert y.dtype == np.int64
 
 
-def _damage(tmp_path, stem: str, blob: bytes) -> None:
-    F.write_mnist(tmp_path, gz=False)
+def _damage(tmp_path, datafiles, stem: str, blob: bytes) -> None:
+    datafiles.write_mnist(tmp_path, gz=False)
     (tmp_path / stem).write_bytes(blob)
 
 
-@pytest.mark.parametrize("case, blob, message", [
-    ("magic", b"\x00\x00\x08\x01" + b"\x00" * 64, "not an IDX file"),
-    ("garbage", b"PK\x03\x04 a zip file", "not an IDX file"),
-    ("empty", b"", "not an IDX file"),
-    ("truncated", F.idx_bytes(np.zeros((60, 28, 28), np.uint8))[:-100], "truncated"),
-    ("short header", b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
+@pytest.mark.parametrize("case, message", [
+    ("labels magic", "not an IDX file with 3 dimension"),
+    ("garbage", "not an IDX file"),
+    ("empty", "not an IDX file"),
+    ("truncated", "truncated: header says"),
+    ("short header", "truncated IDX header"),
 ])
-def test_corrupt_idx_images(tmp_path, case, blob, message):
-    _damage(tmp_path, "train-images-idx3-ubyte", blob)
+def test_corrupt_idx_images(tmp_path, datafiles, case, message):
+    blob = {
+        "labels magic": datafiles.idx_bytes(np.zeros(60, np.uint8)),  # a labels file under the images name
+        "garbage": b"PK\x03\x04 a zip file",
+        "empty": b"",
+        "truncated": datafiles.idx_bytes(np.zeros((60, 28, 28), np.uint8))[:-100],
+        "short header": b"\x00\x00\x08\x03\x00\x00",
+    }[case]
+    _damage(tmp_path, datafiles, "train-images-idx3-ubyte", blob)
     with pytest.raises(KdqError, match=message) as e:
         load_dataset("mnist", tmp_path, download=False)
     assert "train-images-idx3-ubyte" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_image_and_label_counts_must_agree(tmp_path):
-    _damage(tmp_path, "train-labels-idx1-ubyte", F.idx_bytes(np.zeros(59, np.uint8)))
+def test_image_and_label_counts_must_agree(tmp_path, datafiles):
+    _damage(tmp_path, datafiles, "train-labels-idx1-ubyte", datafiles.idx_bytes(np.zeros(59, np.uint8)))
     with pytest.raises(KdqError, match="60 images but train-labels-idx1-ubyte holds 59 labels"):
         load_dataset("mnist", tmp_path, download=False)
 
 
-def test_labels_out_of_range(tmp_path):
-    _damage(tmp_path, "t10k-labels-idx1-ubyte", F.idx_bytes(np.full(20, 12, np.uint8)))
+def test_labels_out_of_range(tmp_path, datafiles):
+    _damage(tmp_path, datafiles, "t10k-labels-idx1-ubyte", datafiles.idx_bytes(np.full(20, 12, np.uint8)))
     with pytest.raises(KdqError, match="labels run from 12 to 12, expected 0..9"):
         load_dataset("mnist", tmp_path, download=False)
 
 
-def test_gz_that_is_not_gzip(tmp_path):
-    F.write_mnist(tmp_path, gz=True)
+def test_gz_that_is_not_gzip(tmp_path, datafiles):
+    datafiles.write_mnist(tmp_path, gz=True)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"<html>404 Not Found</html>")
     with pytest.raises(KdqError, match="t10k-images-idx3-ubyte.gz: not a gzip file"):
         load_dataset("mnist", tmp_path, download=False)
 
 
-def test_truncated_gzip(tmp_path):
-    F.write_mnist(tmp_path, gz=True)
+def test_truncated_gzip(tmp_path, datafiles):
+    datafiles.write_mnist(tmp_path, gz=True)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(KdqError, match="damaged gzip file"):
         load_dataset("mnist", tmp_path, download=False)
 
 
-def test_cifar_pickles_parse_like_the_originals():
-    members, truth = F.cifar_members("cifar10")
+def test_cifar_pickles_parse_like_the_originals(datafiles):
+    members, truth = datafiles.cifar_members("cifar10")
     x, y = formats.parse_cifar_batch(members["test_batch"], "test_batch", b"labels")
     assert x.shape == (20, 3, 32, 32)
     np.testing.assert_array_equal(x.reshape(20, -1), truth["test_x"])
@@ -95,8 +102,8 @@ def test_pickle_globals_outside_the_allow_list_are_refused(blob):
         formats.load_pickle(blob, "evil")
 
 
-def test_malicious_cifar_batch_never_runs(tmp_path):
-    F.write_cifar(tmp_path, "cifar10", tar=False)
+def test_malicious_cifar_batch_never_runs(tmp_path, datafiles):
+    datafiles.write_cifar(tmp_path, "cifar10", tar=False)
     marker = tmp_path / "pwned"
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(
         f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
@@ -105,21 +112,21 @@ def test_malicious_cifar_batch_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_cifar_batch_with_wrong_contents(tmp_path):
-    F.write_cifar(tmp_path, "cifar10", tar=False)
-    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(F.py2_pickle({b"data": [1, 2, 3]}))
+def test_cifar_batch_with_wrong_contents(tmp_path, datafiles):
+    datafiles.write_cifar(tmp_path, "cifar10", tar=False)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(datafiles.py2_pickle({b"data": [1, 2, 3]}))
     with pytest.raises(KdqError, match="test_batch: not a CIFAR batch"):
         load_dataset("cifar10", tmp_path, download=False)
 
 
 @pytest.mark.parametrize("tar", [True, False])
-def test_cifar_missing_batch(tmp_path, tar):
-    F.write_cifar(tmp_path, "cifar10", tar=tar, skip=("data_batch_3",))
+def test_cifar_missing_batch(tmp_path, tar, datafiles):
+    datafiles.write_cifar(tmp_path, "cifar10", tar=tar, skip=("data_batch_3",))
     with pytest.raises(KdqError, match="CIFAR data incomplete, missing data_batch_3"):
         load_dataset("cifar10", tmp_path, download=False)
 
 
-def test_cifar_archive_that_is_not_a_tarball(tmp_path):
-    (tmp_path / F.CIFAR["cifar100"]["archive"]).write_bytes(gzip.compress(b"not a tar"))
+def test_cifar_archive_that_is_not_a_tarball(tmp_path, datafiles):
+    (tmp_path / datafiles.CIFAR["cifar100"]["archive"]).write_bytes(gzip.compress(b"not a tar"))
     with pytest.raises(KdqError, match="damaged CIFAR archive"):
         load_dataset("cifar100", tmp_path, download=False)

@@ -34,14 +34,14 @@ _MNIST_SHA256 = {
 _CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 _CIFAR100_SHA256 = "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
 
-_DATA_DIR_HINT = "or pass --data-dir DIR (data_dir= in Python; $KDQ_DATA works too)"
+_IDX_FILES = "train-images-idx3-ubyte.gz and the other three IDX files"
 
 _add(IdxSource(
     name="fashion-mnist", description="Zalando Fashion-MNIST: 28x28 grey clothing images, 60k train / 10k test",
     input_shape=(1, 28, 28), num_classes=10, crop_padding=2, flip=True,
     base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     checksums={f: ("sha256", h) for f, h in _FASHION_SHA256.items()},
-    how_to_get=f"install it with `apt-get install dataset-fashion-mnist`, let kdq download it (30 MB), {_DATA_DIR_HINT}",
+    size="30 MB", files_hint=_IDX_FILES, install_hint="install it with `apt-get install dataset-fashion-mnist`",
     classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 ))
 _add(IdxSource(
@@ -49,7 +49,7 @@ _add(IdxSource(
     input_shape=(1, 28, 28), num_classes=10, crop_padding=2, flip=False,  # a mirrored 2 is not a 2
     base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
     checksums={f: ("sha256", h) for f, h in _MNIST_SHA256.items()},
-    how_to_get=f"let kdq download it (12 MB), {_DATA_DIR_HINT}",
+    size="12 MB", files_hint=_IDX_FILES,
     classes=tuple(str(d) for d in range(10)),
 ))
 _add(CifarSource(
@@ -57,7 +57,7 @@ _add(CifarSource(
     input_shape=(3, 32, 32), num_classes=10, crop_padding=4, flip=True,
     base_url="https://www.cs.toronto.edu/~kriz/",
     checksums={"cifar-10-python.tar.gz": ("sha256", _CIFAR10_SHA256)},
-    how_to_get=f"let kdq download cifar-10-python.tar.gz (163 MB), {_DATA_DIR_HINT}",
+    size="163 MB", files_hint="cifar-10-python.tar.gz or its cifar-10-batches-py folder",
     archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
     train_members=tuple(f"data_batch_{i}" for i in range(1, 6)),
 ))
@@ -66,7 +66,7 @@ _add(CifarSource(
     input_shape=(3, 32, 32), num_classes=100, crop_padding=4, flip=True,
     base_url="https://www.cs.toronto.edu/~kriz/",
     checksums={"cifar-100-python.tar.gz": ("sha256", _CIFAR100_SHA256)},
-    how_to_get=f"let kdq download cifar-100-python.tar.gz (161 MB), {_DATA_DIR_HINT}",
+    size="161 MB", files_hint="cifar-100-python.tar.gz or its cifar-100-python folder",
     archive="cifar-100-python.tar.gz", folder="cifar-100-python",
     train_members=("train",), test_member="test", meta_member="meta",
     label_key=b"fine_labels", names_key=b"fine_label_names",

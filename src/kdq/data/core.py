@@ -30,7 +30,7 @@ class Split:
         return len(self.y)
 
     def to(self, device: torch.device | str) -> "Split":
-        """The split on `device` (the same object when already there)."""
+        """The split with both tensors on `device`."""
         return Split(self.x.to(device), self.y.to(device))
 
 

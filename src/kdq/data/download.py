@@ -35,6 +35,8 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, *, md5: str | N
                         digest.update(chunk)
                     done += len(chunk)
                     _progress(dest.name, done, total)
+        except urllib.error.HTTPError as e:
+            raise KdqError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise KdqError(f"could not download {url}: {reason}") from None

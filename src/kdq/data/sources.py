@@ -41,6 +41,7 @@ class Source:
         raise NotImplementedError
 
     def read(self, data_dir: str | Path | None = None, download: bool = True) -> RawData:
+        """The arrays as stored, fetching the files first where needed and allowed."""
         raise NotImplementedError
 
 
@@ -50,16 +51,20 @@ class FileSource(Source):
 
     base_url: str = ""
     checksums: dict[str, tuple[str, str]] = field(default_factory=dict)  # file -> (algorithm, hex digest)
-    how_to_get: str = ""
+    size: str = ""  # download size, to set expectations
+    files_hint: str = ""  # what a --data-dir folder must hold
+    install_hint: str = ""  # a system package that provides the files, if any
 
     def find_in(self, folder: Path) -> Path | None:
         """The file or folder holding the whole data set inside `folder`, if there."""
         raise NotImplementedError
 
     def parse(self, found: Path) -> RawData:
+        """Read the arrays from what `find_in` returned."""
         raise NotImplementedError
 
     def find(self, data_dir: str | Path | None) -> Path | None:
+        """The first place in the search order that holds the whole data set."""
         for folder in search_folders(self.name, data_dir):
             if folder.is_dir() and (found := self.find_in(folder)):
                 return found
@@ -67,7 +72,10 @@ class FileSource(Source):
 
     def location(self, data_dir: str | Path | None = None) -> str:
         found = self.find(data_dir)
-        return str(found) if found else f"not found — {self.how_to_get}"
+        if found:
+            return str(found)
+        install = f"; or {self.install_hint}" if self.install_hint else ""
+        return f"not found — downloaded on first use ({self.size}){install}"
 
     def read(self, data_dir: str | Path | None = None, download: bool = True) -> RawData:
         found = self.find(data_dir)
@@ -94,7 +102,10 @@ class FileSource(Source):
 
     def _not_found(self, data_dir: str | Path | None, why: str) -> str:
         looked = ", ".join(str(p) for p in search_folders(self.name, data_dir))
-        return f"{self.name} data not found ({why}); looked in {looked}; {self.how_to_get}"
+        install = f"{self.install_hint}, " if self.install_hint else ""
+        return (f"{self.name} data not found ({why}); looked in {looked}; {install}pass --data-dir DIR holding "
+                f"{self.files_hint} (data_dir= in Python; $KDQ_DATA works too), "
+                f"or allow the download ({self.size} from {mirror(self.name, self.base_url)})")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""The `kdq` command line end to end on the bundled digits data, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdq.cli import main
+
+FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--subset", "400"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    assert main(["train", "--data", "digits", "--model", "cnn-tiny", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(teacher_dir):
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "model.json", "results.json",
+                 "confusion_matrix.png", "training_curves.png"):
+        assert (teacher_dir / name).exists(), name
+    results = json.loads((teacher_dir / "results.json").read_text())
+    for key in ("accuracy", "top5", "per_class_accuracy", "confusion_matrix", "params", "size_bytes",
+                "latency_ms_batch1", "throughput_per_s", "environment"):
+        assert key in results, key
+    assert 0 <= results["accuracy"] <= 1
+    assert len(results["confusion_matrix"]) == 10
+    assert results["size_bytes"] == (teacher_dir / "model.safetensors").stat().st_size
+
+
+def test_distill_and_evaluate(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "kd"
+    code, stdout, _ = run(capsys, "distill", "--teacher", str(teacher_dir), "--data", "digits", "--model", "cnn-tiny",
+                          "--temperature", "3", "--alpha", "0.5", "--teacher-mode", "cached", "--out", str(out), *FAST)
+    assert code == 0 and "accuracy" in json.loads(stdout)
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_kd", "train_ce", "train_loss"} <= metrics.keys()
+    code, stdout, _ = run(capsys, "evaluate", str(out), "--no-speed")
+    assert code == 0 and json.loads(stdout)["accuracy"] == pytest.approx(
+        json.loads((out / "results.json").read_text())["accuracy"])
+
+
+def test_listing_commands(capsys):
+    code, out, _ = run(capsys, "models", "resnet*")
+    assert code == 0 and "resnet20" in out and "cnn-small" not in out
+    code, out, _ = run(capsys, "datasets")
+    assert code == 0 and "fashion-mnist" in out and "digits" in out
+
+
+def test_run_experiment_prints_table(tmp_path, capsys):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        "name: tiny\n"
+        "data: {name: digits, subset: 300}\n"
+        "train: {batch_size: 64, progress: false, epochs: 1}\n"
+        "stages:\n"
+        "  teacher: {model: cnn-small}\n"
+        "  baseline: {model: cnn-tiny}\n"
+        "  kd: {kind: distill, model: cnn-tiny, teacher: teacher, temperature: 4, alpha: 0.7}\n"
+        "compare: {teacher: teacher, baseline: baseline, student: kd}\n"
+    )
+    code, out, err = run(capsys, "run", str(exp), "--out", str(tmp_path / "o"), "--set", "teacher.epochs=2")
+    assert code == 0, err
+    assert "KD gain:" in out and "| kd " in out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["stages"]["teacher"]["epochs_run"] == 2
+    # a second run reuses every finished stage instead of retraining
+    code, out, err = run(capsys, "run", str(exp), "--out", str(tmp_path / "o"), "--set", "teacher.epochs=2")
+    assert code == 0 and err.count("reusing finished stage") == 3
+
+
+BAD = [
+    (["train", "--data", "fashion-mnst", "--model", "cnn-tiny", "--out", "x"], "did you mean fashion-mnist"),
+    (["train", "--data", "digits", "--model", "resnet21", "--out", "x"], "resnet20"),
+    (["train", "--data", "digits", "--model", "cnn-tiny", "--out", "x", "--epochs", "0"], "epochs must be >= 1"),
+    (["train", "--data", "synthetic", "--model", "resnet20", "--out", "x"], "tabular"),
+    (["train", "--data", "digits", "--model", "cnn-tiny", "--out", "x", "--model-arg", "colour=3"], "does not take"),
+    (["distill", "--teacher", "nowhere", "--data", "digits", "--model", "cnn-tiny", "--out", "x"], "not found"),
+    (["evaluate", "nowhere"], "not found"),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD)
+def test_bad_input_is_one_line_exit_2(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("kdq: error:") and err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--temperature", "0", "temperature must be > 0"),
+    ("--alpha", "1.5", "alpha must be in [0, 1]"),
+])
+def test_bad_distill_hyperparameters(teacher_dir, tmp_path, capsys, flag, value, words):
+    code, _, err = run(capsys, "distill", "--teacher", str(teacher_dir), "--data", "digits", "--model", "cnn-tiny",
+                       "--out", str(tmp_path / "kd"), flag, value, *FAST)
+    assert code == 2 and words in err and err.count("\n") == 1
+
+
+def test_teacher_with_other_classes(teacher_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "distill", "--teacher", str(teacher_dir), "--data", "synthetic", "--model", "mlp-small",
+                       "--out", str(tmp_path / "kd"), *FAST)
+    assert code == 2 and "train a teacher on synthetic" in err
+
+
+@pytest.mark.parametrize("text, words", [
+    ("data: {name: digits\nstages: [", "not valid YAML at line"),
+    ("data: {name: digits}\nstages: {a: {model: cnn-tiny, epochz: 1}}\n", "unknown key 'epochz' in stage 'a' (did you mean epochs"),
+    ("data: {name: digits}\nstages: {a: {model: cnn-tiny, epochs: 0}}\n", "stage 'a': epochs must be >= 1"),
+    ("data: {name: digits}\nstages: {a: {model: cnn-tiny, teacher: b, alpha: 2}}\n", "neither an earlier stage"),
+    ("data: {name: digits}\nstages: {b: {model: cnn-tiny}, a: {model: cnn-tiny, teacher: b, alpha: 2}}\n", "alpha must be in [0, 1]"),
+    ("data: {name: digits}\nstages: {b: {model: cnn-tiny}, a: {model: cnn-tiny, teacher: b, temperature: -1}}\n", "temperature must be > 0"),
+    ("dta: {name: digits}\n", "unknown key 'dta' in the experiment (did you mean data"),
+    ("data: {name: digits}\nstages: {a: {model: cnn-tiny}}\ncompare: {student: z}\n", "does not exist"),
+])
+def test_bad_experiment_files(text, words, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, _, err = run(capsys, "run", str(path))
+    assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_bad_override(tmp_path, capsys):
+    path = tmp_path / "e.yaml"
+    path.write_text("data: {name: digits}\nstages: {teacher: {model: cnn-tiny}}\n")
+    code, _, err = run(capsys, "run", str(path), "--set", "teachr.epochs=2")
+    assert code == 2 and "did you mean teacher" in err
+    code, _, err = run(capsys, "run", str(path), "--set", "teacher.epochs")
+    assert code == 2 and "KEY=VALUE" in err
