@@ -27,7 +27,7 @@ data:
 demo: install data
 	$(BIN)/kdq run examples/quickstart.yaml --out runs/quickstart
 
-test: install
+test: install data
 	$(BIN)/python -m pytest -q
 
 bench: install data

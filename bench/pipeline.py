@@ -51,7 +51,7 @@ class PerSampleImages(Dataset):
         return (x - self.mean) / self.std, self.labels[i]  # Normalize
 
 
-def _train_epoch(model, batches, optimizer) -> float:
+def _train_epoch(model, batches, optimizer, sync) -> float:
     model.train()
     start = time.perf_counter()
     for x, y, *_ in batches:
@@ -59,33 +59,57 @@ def _train_epoch(model, batches, optimizer) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    sync()
     return time.perf_counter() - start
 
 
-def bench_pipeline(data: DataBundle, model_name: str, epochs: int, batch: int) -> list[dict]:
+def _loaders(data: DataBundle, batch: int, device: torch.device) -> dict:
     # Undo the normalisation to get back the uint8 images a per-sample pipeline would start from.
     mean, std = data.mean[0], data.std[0]
     images = (data.train.x * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
     per_sample = PerSampleImages(images, data.train.y, mean, std, data.crop_padding, data.flip)
-    loaders = {
+    on_device = data.train.to(device)
+    pin = device.type == "cuda"
+
+    def to_device(batches):
+        for x, y in batches:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return {
         "kdq BatchLoader (tensor-resident, whole-batch augmentation)": lambda g: BatchLoader(
-            data.train, batch, shuffle=True, crop_padding=data.crop_padding, flip=data.flip, drop_last=True).epoch(g),
-        "torch DataLoader, per-sample transforms, num_workers=0": lambda g: DataLoader(
-            per_sample, batch, shuffle=True, drop_last=True, generator=g, num_workers=0),
-        "torch DataLoader, per-sample transforms, num_workers=2": lambda g: DataLoader(
-            per_sample, batch, shuffle=True, drop_last=True, generator=g, num_workers=2, persistent_workers=False),
+            on_device, batch, shuffle=True, crop_padding=data.crop_padding, flip=data.flip, drop_last=True).epoch(g),
+        "torch DataLoader, per-sample transforms, num_workers=0": lambda g: to_device(DataLoader(
+            per_sample, batch, shuffle=True, drop_last=True, generator=g, num_workers=0, pin_memory=pin)),
+        "torch DataLoader, per-sample transforms, num_workers=2": lambda g: to_device(DataLoader(
+            per_sample, batch, shuffle=True, drop_last=True, generator=g, num_workers=2, pin_memory=pin)),
     }
+
+
+def bench_pipeline(data: DataBundle, models: list[str], epochs: int, batch: int, device: torch.device) -> list[dict]:
+    """Epoch time per loader: with no model (the data path alone), then training each model."""
     rows = []
-    for name, make in loaders.items():
-        torch.manual_seed(0)
-        model = kdq.create_model(model_name, data.num_classes, data.input_shape[0])
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-        times = [_train_epoch(model, make(torch.Generator().manual_seed(e)), opt) for e in range(epochs + 1)][1:]
-        rows.append({"pipeline": name, "epoch_s": statistics.median(times)})
-    base = rows[0]["epoch_s"]
-    for r in rows:
-        r["images_per_s"] = len(data.train) / r["epoch_s"]
-        r["vs_kdq"] = r["epoch_s"] / base
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for model_name in [None, *models]:
+        group = []
+        for name, make in _loaders(data, batch, device).items():
+            torch.manual_seed(0)
+            if model_name is None:
+                def run_epoch(g, make=make):
+                    start = time.perf_counter()
+                    for _ in make(g):
+                        pass
+                    sync()
+                    return time.perf_counter() - start
+            else:
+                model = kdq.create_model(model_name, data.num_classes, data.input_shape[0]).to(device)
+                opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+                run_epoch = lambda g, make=make, model=model, opt=opt: _train_epoch(model, make(g), opt, sync)  # noqa: E731
+            times = [run_epoch(torch.Generator().manual_seed(e)) for e in range(epochs + 1)][1:]
+            group.append({"model": model_name or "(none: data only)", "pipeline": name, "epoch_s": statistics.median(times)})
+        for r in group:
+            r["images_per_s"] = len(data.train) / r["epoch_s"]
+            r["vs_kdq"] = r["epoch_s"] / group[0]["epoch_s"]
+        rows += group
     return rows
 
 
@@ -117,7 +141,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--subset", type=int, default=20000, help="training images per epoch")
-    p.add_argument("--model", default="resnet8", help="model for the pipeline comparison")
+    p.add_argument("--models", default="cnn-small,resnet8", help="models for the pipeline comparison")
     p.add_argument("--student", default="cnn-small")
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
@@ -126,7 +150,8 @@ def main() -> None:
     args = p.parse_args()
 
     data = kdq.load_dataset(args.data, subset=args.subset)
-    pipe = bench_pipeline(data, args.model, args.epochs, args.batch_size)
+    device = kdq.engine.resolve_device("auto")
+    pipe = bench_pipeline(data, args.models.split(","), args.epochs, args.batch_size, device)
     kd = bench_kd(data, args.student, args.teacher, args.epochs, args.batch_size)
     env = environment()
     cmd = "python bench/pipeline.py " + " ".join(sys.argv[1:])
@@ -137,9 +162,9 @@ def main() -> None:
         f"Command: `{cmd}`  ",
         f"Machine: {env['device']}, {env['cpu_count']} cores, {env['threads']} torch threads, torch {env['torch']}",
         "",
-        f"Epoch time of {args.model}, batch {args.batch_size}, random crop + flip, median of {args.epochs} epochs after a warm-up:",
+        f"Epoch time on {device.type}, batch {args.batch_size}, random crop + flip, median of {args.epochs} epochs after a warm-up:",
         "",
-        markdown_table(fmt(pipe, None), (("pipeline", "pipeline"), ("epoch_s", "epoch (s)"),
+        markdown_table(fmt(pipe, None), (("model", "model"), ("pipeline", "pipeline"), ("epoch_s", "epoch (s)"),
                                           ("images_per_s", "images/s"), ("vs_kdq", "time vs kdq"))),
         "",
         f"Epoch time of the {args.student} student, plain and distilled (T=4, alpha=0.7); setup = teacher caching and evaluation outside epochs:",

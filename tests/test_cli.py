@@ -137,3 +137,29 @@ def test_bad_override(tmp_path, capsys):
     assert code == 2 and "did you mean teacher" in err
     code, _, err = run(capsys, "run", str(path), "--set", "teacher.epochs")
     assert code == 2 and "KEY=VALUE" in err
+
+
+def test_missing_files_say_where_kdq_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KDQ_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("kdq.data.locate.SYSTEM_DIRS", {})
+    code, _, err = run(capsys, "train", "--data", "mnist", "--model", "cnn-tiny", "--out", str(tmp_path / "x"),
+                       "--no-download")
+    assert code == 2 and err.count("\n") == 1 and str(tmp_path / "empty") in err, err
+
+
+@pytest.mark.slow
+def test_quickstart_example_runs_on_fashion_mnist(tmp_path, capsys):
+    """The shipped example, shrunk: the file parses, every stage runs, the table prints."""
+    from pathlib import Path
+
+    from kdq.data.locate import SYSTEM_DIRS
+
+    if not any(d.is_dir() for d in SYSTEM_DIRS["fashion-mnist"]):
+        pytest.skip("Fashion-MNIST is not installed (make data installs it)")
+    example = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+    code, out, err = run(capsys, "run", str(example), "--out", str(tmp_path), "--set", "data.subset=600",
+                         "--set", "train.progress=false",
+                         "--set", "teacher.epochs=1", "--set", "baseline.epochs=1", "--set", "kd.epochs=1")
+    assert code == 0, err
+    assert "KD gain" in out and "student vs teacher" in out

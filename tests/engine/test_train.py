@@ -23,7 +23,7 @@ def test_learns_and_logs(toy_data, tmp_path):
     assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
     assert {"train_loss", "train_ce", "train_accuracy", "val_accuracy", "lr", "images_per_s"} <= lines[0].keys()
     # the model returned holds the best epoch's weights
-    acc = (predict(model, toy_data.val.x).argmax(1) == toy_data.val.y).float().mean().item()
+    acc = (predict(model, toy_data.val.x).argmax(1).cpu() == toy_data.val.y).float().mean().item()
     assert acc == pytest.approx(result.best_val_accuracy)
 
 
@@ -43,7 +43,8 @@ class _Interrupt:
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_resume_reaches_same_weights(toy_data, tmp_path, schedule):
-    cfg = TrainConfig(epochs=4, schedule=schedule, **FAST)
+    # Bit-for-bit equality is promised on the CPU; CUDA kernels may reorder float sums.
+    cfg = TrainConfig(epochs=4, schedule=schedule, device="cpu", **FAST)
     torch.manual_seed(0)
     straight = TinyNet()
     fit(straight, toy_data, cfg, tmp_path / "a")

@@ -103,10 +103,20 @@ def measure_speed(
     }
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     """Where the numbers came from."""
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
