@@ -186,7 +186,8 @@ def _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scal
     start = time.perf_counter()
     bar = tqdm(
         total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-        disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True,
+        # None: tqdm turns itself off when stderr is not a terminal (logs, CI)
+        disable=None if cfg.progress else True, file=sys.stderr, dynamic_ncols=True,
     )
     for step, (x, y, idx) in enumerate(loader.epoch(gen)):
         targets = y
