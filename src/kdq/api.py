@@ -28,6 +28,7 @@ from kdq.engine import (
     TrainConfig,
     classification_metrics,
     count_params,
+    device_of,
     environment,
     fit,
     measure_speed,
@@ -35,8 +36,9 @@ from kdq.engine import (
 )
 from kdq.errors import KdqError
 from kdq.models import create_model, model_info
+from kdq.io import save_weights
 from kdq.report.plots import plot_confusion, plot_history
-from kdq.rundir import WEIGHTS, load_model, save_model, write_config, write_results
+from kdq.rundir import WEIGHTS, load_model, read_config, read_model_meta, save_model, write_config, write_results
 
 
 @dataclass
@@ -225,8 +227,6 @@ def evaluate(
     weights_path = weights
     if not isinstance(model, nn.Module):
         run_dir = Path(model)
-        from kdq.rundir import read_config, read_model_meta
-
         read_model_meta(run_dir)  # a missing or unfinished run fails here, by name
         if data is None:
             data = read_config(run_dir).get("data", {}).get("name")
@@ -244,7 +244,7 @@ def evaluate(
         raise KdqError(f"split must be test, val or train, got {split!r}")
     part: Split = getattr(bundle, split)
 
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    device = device_of(model)
     logits = predict(model, part.x.to(device))
     results: dict[str, Any] = {"runtime": "pytorch", "dataset": bundle.name, "split": split}
     results.update(classification_metrics(logits, part.y, list(bundle.classes)))
@@ -265,8 +265,6 @@ def evaluate(
 
 def _data_options(run_dir: Path, data: str | DataBundle) -> dict[str, Any]:
     """Reuse the run's own data options (data dir, split seed, subset) when it is the same data set."""
-    from kdq.rundir import read_config
-
     if isinstance(data, DataBundle):
         return {}
     recorded = dict(read_config(run_dir).get("data", {}))
@@ -277,7 +275,5 @@ def _size_on_disk(model: nn.Module, weights_path: Path | None) -> int:
     """Bytes of the saved safetensors weights (saved to a temporary file when not on disk yet)."""
     if weights_path is not None and weights_path.exists():
         return weights_path.stat().st_size
-    from kdq.io import save_weights
-
     with tempfile.TemporaryDirectory() as tmp:
         return save_weights(Path(tmp) / WEIGHTS, model.state_dict()).stat().st_size

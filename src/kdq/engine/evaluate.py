@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a parameter-free module)."""
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
 
@@ -23,7 +24,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     """Logits for every row of `x`, in eval mode, batched; float32 on the model's device."""
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     try:
         outs = [model(x[i : i + batch_size].to(device)).float() for i in range(0, len(x), batch_size)]
     finally:
