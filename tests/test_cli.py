@@ -163,3 +163,28 @@ def test_quickstart_example_runs_on_fashion_mnist(tmp_path, capsys):
                          "--set", "teacher.epochs=1", "--set", "baseline.epochs=1", "--set", "kd.epochs=1")
     assert code == 0, err
     assert "KD gain" in out and "student vs teacher" in out
+
+
+def test_export_onnx_float_and_int8_then_evaluate(teacher_dir, tmp_path, capsys):
+    code, out, err = run(capsys, "export", str(teacher_dir), "--out", str(tmp_path / "m.onnx"))
+    assert code == 0, err
+    assert json.loads(out)["float_agreement"] >= 0.999
+    code, out, err = run(capsys, "export", str(teacher_dir), "--int8", "--calibration-batches", "1000",
+                         "--out", str(tmp_path / "m.int8.onnx"))
+    assert code == 0, err
+    info = json.loads(out)
+    assert "exceed" in err  # the calibration count is clamped, with a warning
+    assert info["int8_size_bytes"] < info["float_size_bytes"]
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "m.int8.onnx"), "--no-speed")
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["runtime"] == "onnxruntime"
+    assert results["accuracy"] == pytest.approx(info["int8_accuracy"])
+    assert (tmp_path / "m.int8.results.json").exists()
+
+
+def test_evaluate_rejects_foreign_onnx(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    code, _, err = run(capsys, "evaluate", str(bad))
+    assert code == 2 and "not a valid ONNX file" in err and err.count("\n") == 1

@@ -12,6 +12,7 @@ Models may be zoo names or any `torch.nn.Module`; teachers may also be run direc
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from kdq.engine import (
 )
 from kdq.errors import KdqError
 from kdq.models import create_model, model_info
-from kdq.io import save_weights
+from kdq.io import save_weights, write_json
 from kdq.report.plots import plot_confusion, plot_history
 from kdq.rundir import WEIGHTS, load_model, read_config, read_model_meta, save_model, write_config, write_results
 
@@ -228,11 +229,7 @@ def evaluate(
     if not isinstance(model, nn.Module):
         run_dir = Path(model)
         read_model_meta(run_dir)  # a missing or unfinished run fails here, by name
-        if data is None:
-            data = read_config(run_dir).get("data", {}).get("name")
-            if data is None:
-                raise KdqError(f"{run_dir} does not record its data set; pass --data NAME")
-        bundle, _ = resolve_data(data, **_data_options(run_dir, data))
+        bundle = _run_data(run_dir, data)
         model = load_teacher(run_dir, bundle)  # same class and normalisation checks
         weights_path = run_dir / WEIGHTS
         out = run_dir if out is None else out
@@ -277,3 +274,90 @@ def _size_on_disk(model: nn.Module, weights_path: Path | None) -> int:
         return weights_path.stat().st_size
     with tempfile.TemporaryDirectory() as tmp:
         return save_weights(Path(tmp) / WEIGHTS, model.state_dict()).stat().st_size
+
+
+def _run_data(run_dir: Path, data: str | DataBundle | None) -> DataBundle:
+    """The data set a run directory was trained on (with its own options), or `data`."""
+    if data is None:
+        data = read_config(run_dir).get("data", {}).get("name")
+        if data is None:
+            raise KdqError(f"{run_dir} does not record its data set; pass --data NAME")
+    bundle, _ = resolve_data(data, **_data_options(run_dir, data))
+    return bundle
+
+
+def renormalize(x: torch.Tensor, data: DataBundle, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Re-express `data`-normalised inputs in the units of a model saved with `mean`/`std`."""
+    if list(data.mean) == list(mean) and list(data.std) == list(std):
+        return x
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    t = lambda v: torch.tensor(v, dtype=x.dtype).reshape(shape)  # noqa: E731
+    return ((x * t(data.std) + t(data.mean)) - t(mean)) / t(std)
+
+
+def export(
+    run: str | Path,
+    out: str | Path,
+    *,
+    int8: bool = False,
+    calibration_batches: int = 32,
+    batch_size: int = 128,
+    calibrate_method: str = "minmax",
+    data: str | DataBundle | None = None,
+) -> dict[str, Any]:
+    """Export a run directory's model to ONNX (float, or int8 QDQ calibrated on training data).
+
+    The float export is checked on the whole test set: ONNX Runtime must make the same
+    prediction as PyTorch on at least 99.9% of it. The int8 export's test accuracy is reported
+    next to the float model's.
+    """
+    from kdq.deploy import OrtModel, check_agreement, export_onnx, quantize_onnx_static
+
+    run_dir = Path(run)
+    model, meta = load_model(run_dir)
+    bundle = _run_data(run_dir, data)
+    test_x = renormalize(bundle.test.x, bundle, meta["mean"], meta["std"])
+    out = Path(out)
+    float_path = out if not int8 else out.with_name(out.stem + ".float.onnx")
+    export_onnx(model, test_x[:2], float_path, meta=meta, verify=False)
+    agreement = check_agreement(model, OrtModel(float_path), test_x)
+    if agreement["agreement"] < 0.999:
+        float_path.unlink(missing_ok=True)
+        raise KdqError(f"ONNX Runtime agrees with PyTorch on only {agreement['agreement']:.2%} of the test set; export refused")
+    info: dict[str, Any] = {"float_onnx": str(float_path), "float_agreement": agreement["agreement"],
+                            "float_max_abs_diff": agreement["max_abs_diff"]}
+    if int8:
+        wanted = calibration_batches * batch_size
+        if wanted > len(bundle.train):
+            print(f"kdq: warning: {calibration_batches} calibration batches of {batch_size} exceed the "
+                  f"{len(bundle.train)} training samples; using all of them", file=sys.stderr)
+        calib = renormalize(bundle.train.x[:wanted], bundle, meta["mean"], meta["std"])
+        quantize_onnx_static(float_path, calib, out, calibrate_method=calibrate_method)
+        int8_logits = OrtModel(out).predict(test_x)
+        y = bundle.test.y
+        info.update(
+            int8_onnx=str(out),
+            calibration_samples=len(calib),
+            float_accuracy=(predict(model, test_x).argmax(1).cpu() == y).float().mean().item(),
+            int8_accuracy=(int8_logits.argmax(1) == y).float().mean().item(),
+            float_size_bytes=float_path.stat().st_size,
+            int8_size_bytes=out.stat().st_size,
+        )
+    return info
+
+
+def evaluate_onnx_file(path: str | Path, data: str | DataBundle | None = None, *, speed: bool = True) -> dict[str, Any]:
+    """`kdq evaluate model.onnx`: run it with ONNX Runtime on the test set of its data set."""
+    from kdq.deploy import evaluate_onnx, load_onnx
+
+    path = Path(path)
+    _, meta = load_onnx(path)
+    bundle, _ = resolve_data(data if data is not None else meta["dataset"])
+    x = renormalize(bundle.test.x, bundle, meta["mean"], meta["std"])
+    results = evaluate_onnx(path, x, bundle.test.y, list(bundle.classes), speed=speed)
+    results["split"] = "test"
+    stem = path.with_suffix("")
+    write_json(stem.with_name(stem.name + ".results.json"), results)
+    plot_confusion(results["confusion_matrix"], list(bundle.classes), stem.with_name(stem.name + ".confusion_matrix.png"),
+                   title=f"{path.name} ({results.get('precision')}): accuracy {results['accuracy']:.4f}")
+    return results

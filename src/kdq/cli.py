@@ -88,11 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_options(p)
         _add_train_options(p)
 
-    ev = sub.add_parser("evaluate", help="evaluate a run directory")
-    ev.add_argument("run", help="run directory")
+    ev = sub.add_parser("evaluate", help="evaluate a run directory or an exported .onnx file")
+    ev.add_argument("run", help="run directory, or a .onnx file (run with ONNX Runtime)")
     ev.add_argument("--split", default="test", choices=("test", "val", "train"))
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
     _add_data_options(ev, required=False)
+
+    ex = sub.add_parser("export", help="export a run directory's model for deployment")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--out", required=True, help="file to write, e.g. runs/kd/model.onnx")
+    ex.add_argument("--int8", action="store_true", help="static int8 (QDQ, per-channel weights) calibrated by ONNX Runtime")
+    ex.add_argument("--calibration-batches", type=int, default=32, help="training batches used to calibrate (default 32)")
+    ex.add_argument("--calibration-batch-size", type=int, default=128)
+    ex.add_argument("--calibrate-method", choices=("minmax", "entropy", "percentile"), default="minmax")
 
     run = sub.add_parser("run", help="run a multi-stage YAML experiment")
     run.add_argument("experiment", help="YAML file, e.g. examples/quickstart.yaml")
@@ -167,9 +176,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     data = None
     if args.data is not None:
         data, _ = api.resolve_data(args.data, **_data_options(args))
+    if args.run.endswith(".onnx"):
+        results = api.evaluate_onnx_file(args.run, data, speed=not args.no_speed)
+        _print_results(results)
+        print(f"wrote {Path(args.run).with_suffix('')}.results.json and .confusion_matrix.png", file=sys.stderr)
+        return
     results = api.evaluate(args.run, data, split=args.split, speed=not args.no_speed)
     _print_results(results)
     print(f"wrote {Path(args.run) / 'results.json'} and confusion_matrix.png", file=sys.stderr)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from kdq import api
+
+    if args.calibration_batches < 1:
+        raise KdqError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
+    info = api.export(args.run, args.out, int8=args.int8, calibration_batches=args.calibration_batches,
+                      batch_size=args.calibration_batch_size, calibrate_method=args.calibrate_method)
+    print(json.dumps(info, indent=2))
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -185,6 +209,7 @@ COMMANDS = {
     "train": _cmd_train,
     "distill": _cmd_train,
     "evaluate": _cmd_evaluate,
+    "export": _cmd_export,
     "run": _cmd_run,
 }
 

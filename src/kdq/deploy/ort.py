@@ -1,0 +1,125 @@
+"""Run and evaluate kdq ONNX exports with ONNX Runtime, timed by the same code as PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from kdq.deploy.onnx_export import get_metadata
+from kdq.engine.evaluate import classification_metrics, environment, measure_speed, predict
+from kdq.errors import KdqError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise KdqError(f"ONNX file {str(path)!r} not found; create it with `kdq export`")
+    return path.read_bytes()
+
+
+def _parse(data: bytes, path: str | Path) -> onnx.ModelProto:
+    name = Path(path).name
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise KdqError(f"{name} is not a valid ONNX file ({_first_line(exc)})") from None
+    # Random bytes can decode as an almost-empty protobuf; a real model has a graph and IR version.
+    if proto.ir_version == 0 or not proto.graph.node or not proto.graph.input:
+        raise KdqError(f"{name} is not a valid ONNX file (no graph)")
+    return proto
+
+
+def _load(path: str | Path) -> tuple[bytes, onnx.ModelProto, dict[str, Any]]:
+    data = _read_bytes(path)
+    proto = _parse(data, path)
+    meta = get_metadata(proto)
+    if meta is None:
+        raise KdqError(f"{Path(path).name} is not a kdq export (no kdq metadata); export it with `kdq export`")
+    return data, proto, meta
+
+
+def load_onnx(path: str | Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Parse an ONNX file and its kdq metadata; every failure is a one-line KdqError."""
+    _, proto, meta = _load(path)
+    return proto, meta
+
+
+class OrtModel:
+    """An ONNX Runtime CPU session that takes and returns torch tensors, like the nn.Module it came from."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        data, _, self.meta = _load(path)
+        opts = ort.SessionOptions()
+        # Same thread count as PyTorch by default, so speed comparisons are between runtimes, not thread pools.
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1  # a classifier is one chain of ops; parallel branches gain nothing
+        opts.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        try:
+            self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises pybind exception types per failure
+            raise KdqError(f"ONNX Runtime cannot load {self.path.name}: {_first_line(exc)}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch; the input is copied to a contiguous float32 CPU array."""
+        feed = {self.input_name: x.detach().to("cpu", torch.float32).contiguous().numpy()}
+        (out,) = self.session.run([self.output_name], feed)
+        return torch.from_numpy(out)
+
+    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Logits for every row of `x`, batched like `kdq.engine.evaluate.predict`."""
+        return torch.cat([self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def check_agreement(torch_model: nn.Module, ort_model: OrtModel, x: torch.Tensor) -> dict[str, Any]:
+    """Fraction of identical argmax predictions and the largest absolute logit difference."""
+    ref = predict(torch_model, x).cpu()
+    got = ort_model.predict(x)
+    return {
+        "agreement": (ref.argmax(1) == got.argmax(1)).float().mean().item(),
+        "max_abs_diff": (ref - got).abs().max().item(),
+        "num_samples": len(x),
+    }
+
+
+def evaluate_onnx(
+    path: str | Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[str] | None = None,
+    *,
+    speed: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy, size on disk and speed of an ONNX export; the same keys as `kdq.evaluate`.
+
+    `x` must already be normalised with the export's mean/std (as for the PyTorch model);
+    `classes` defaults to the ones stored in the file.
+    """
+    model = OrtModel(path, threads=threads)
+    classes = list(classes if classes is not None else model.meta["classes"])
+    logits = model.predict(x)
+    if logits.shape[1] != len(classes):
+        raise KdqError(f"{model.path.name} predicts {logits.shape[1]} classes but {len(classes)} were given")
+    results: dict[str, Any] = {"runtime": "onnxruntime", "precision": model.meta.get("precision"),
+                               "dataset": model.meta.get("dataset")}
+    results.update(classification_metrics(logits, y, classes))
+    results["size_bytes"] = model.path.stat().st_size
+    if speed:
+        results.update(measure_speed(model, x[:1]))
+        results["threads"] = model.session.get_session_options().intra_op_num_threads
+    results["environment"] = environment()
+    return results
