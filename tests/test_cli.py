@@ -188,3 +188,30 @@ def test_evaluate_rejects_foreign_onnx(tmp_path, capsys):
     bad.write_bytes(b"not a model at all")
     code, _, err = run(capsys, "evaluate", str(bad))
     assert code == 2 and "not a valid ONNX file" in err and err.count("\n") == 1
+
+
+def test_quantize_static_dynamic_and_qat_with_teacher(teacher_dir, tmp_path, capsys):
+    float_acc = json.loads((teacher_dir / "results.json").read_text())["accuracy"]
+    code, out, err = run(capsys, "quantize", str(teacher_dir), "--out", str(tmp_path / "q"),
+                         "--calibration-batches", "2", "--observer", "minmax")
+    assert code == 0, err
+    static = json.loads(out)
+    assert static["runtime"] == "pytorch-int8" and static["accuracy"] > float_acc - 0.1
+    assert static["size_bytes"] < json.loads((teacher_dir / "results.json").read_text())["size_bytes"]
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "q"), "--no-speed")  # reloads without pickle
+    assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(static["accuracy"])
+
+    code, out, err = run(capsys, "quantize", str(teacher_dir), "--method", "dynamic", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+
+    code, out, err = run(capsys, "qat", str(teacher_dir), "--teacher", str(teacher_dir), "--out", str(tmp_path / "qat"),
+                         "--epochs", "1", "--no-progress", "--freeze-bn-epoch", "1", "--batch-size", "64")
+    assert code == 0, err
+    assert json.loads(out)["runtime"] == "pytorch-int8"
+    assert {"train_kd", "train_ce"} <= json.loads((tmp_path / "qat" / "metrics.jsonl").read_text().splitlines()[0]).keys()
+
+
+def test_quantize_bad_skip_is_one_line(teacher_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", str(teacher_dir), "--out", str(tmp_path / "q"), "--skip", "no.such.layer",
+                       "--calibration-batches", "1")
+    assert code == 2 and err.count("\n") == 1 and "no.such.layer" in err, err

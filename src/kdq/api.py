@@ -37,7 +37,7 @@ from kdq.engine import (
 )
 from kdq.errors import KdqError
 from kdq.models import create_model, model_info
-from kdq.io import save_weights, write_json
+from kdq.io import read_json, save_weights, write_json
 from kdq.report.plots import plot_confusion, plot_history
 from kdq.rundir import WEIGHTS, load_model, read_config, read_model_meta, save_model, write_config, write_results
 
@@ -97,12 +97,16 @@ def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module
             )
         return teacher
     model, meta = load_model(teacher)
+    _check_classes(meta, data, teacher)
+    return _renormalized(model, meta, data)
+
+
+def _check_classes(meta: dict[str, Any], data: DataBundle, source: str | Path) -> None:
     if list(meta.get("classes", [])) != list(data.classes):
         raise KdqError(
-            f"teacher {teacher} was trained on {meta.get('dataset')} ({len(meta.get('classes', []))} classes) "
+            f"{source} was trained on {meta.get('dataset')} ({len(meta.get('classes', []))} classes) "
             f"but the data is {data.name} ({data.num_classes} classes); train a teacher on {data.name} first"
         )
-    return _renormalized(model, meta, data)
 
 
 def _renormalized(model: nn.Module, meta: dict[str, Any], data: DataBundle) -> nn.Module:
@@ -226,12 +230,25 @@ def evaluate(
     `weights` names the module's saved weights file, for the size on disk.
     """
     weights_path = weights
+    float_params = None
+    runtime = "pytorch"
     if not isinstance(model, nn.Module):
         run_dir = Path(model)
-        read_model_meta(run_dir)  # a missing or unfinished run fails here, by name
-        bundle = _run_data(run_dir, data)
-        model = load_teacher(run_dir, bundle)  # same class and normalisation checks
-        weights_path = run_dir / WEIGHTS
+        from kdq.quant.serialize import MANIFEST, TENSORS, load_quantized
+
+        if (run_dir / MANIFEST).exists():  # an int8 run from `kdq quantize` / `kdq qat`
+            bundle = _run_data(run_dir, data)
+            meta = read_json(run_dir / MANIFEST).get("meta", {})
+            _check_classes(meta, bundle, run_dir)
+            model = _renormalized(load_quantized(run_dir), meta, bundle)
+            weights_path = run_dir / TENSORS
+            float_params = meta.get("float_params")
+            runtime = "pytorch-int8"
+        else:
+            read_model_meta(run_dir)  # a missing or unfinished run fails here, by name
+            bundle = _run_data(run_dir, data)
+            model = load_teacher(run_dir, bundle)  # same class and normalisation checks
+            weights_path = run_dir / WEIGHTS
         out = run_dir if out is None else out
     else:
         if data is None:
@@ -243,9 +260,10 @@ def evaluate(
 
     device = device_of(model)
     logits = predict(model, part.x.to(device))
-    results: dict[str, Any] = {"runtime": "pytorch", "dataset": bundle.name, "split": split}
+    results: dict[str, Any] = {"runtime": runtime, "dataset": bundle.name, "split": split}
     results.update(classification_metrics(logits, part.y, list(bundle.classes)))
-    results["params"] = count_params(model)
+    # int8 modules hold packed weights, not parameters: report the float model's count
+    results["params"] = float_params if float_params is not None else count_params(model)
     results["size_bytes"] = _size_on_disk(model, weights_path)
     if speed:
         sync = torch.cuda.synchronize if device.type == "cuda" else None

@@ -94,6 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
     _add_data_options(ev, required=False)
 
+    q = sub.add_parser("quantize", help="int8 post-training quantization of a run directory")
+    q.add_argument("run", help="run directory of a float model")
+    q.add_argument("--out", required=True, help="run directory to write")
+    q.add_argument("--method", choices=("static", "dynamic"), default="static",
+                   help="static: int8 weights and activations, calibrated; dynamic: int8 Linear weights only")
+    q.add_argument("--calibration-batches", type=int, default=32, help="training batches to calibrate on (default 32)")
+    q.add_argument("--calibration-batch-size", type=int, default=128)
+    q.add_argument("--observer", choices=("minmax", "moving_average", "histogram"), default="histogram")
+    q.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True, help="per-channel weight scales")
+    q.add_argument("--skip", action="append", default=[], metavar="LAYER", help="leave this module in float")
+    q.add_argument("--backend", choices=("x86", "fbgemm", "qnnpack"), default="x86",
+                   help="int8 kernels: x86 (default) or qnnpack (ARM)")
+
+    qt = sub.add_parser("qat", help="quantization-aware fine-tuning (optionally with a teacher), then int8")
+    qt.add_argument("run", help="run directory of a float model")
+    qt.add_argument("--out", required=True, help="run directory to write")
+    qt.add_argument("--teacher", help="distill from this run directory while fine-tuning")
+    qt.add_argument("--temperature", type=float, default=4.0)
+    qt.add_argument("--alpha", type=float, default=0.7)
+    qt.add_argument("--backend", choices=("x86", "fbgemm", "qnnpack"), default="x86")
+    qt.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True)
+    qt.add_argument("--freeze-bn-epoch", type=int, help="stop updating batch-norm statistics from this epoch")
+    qt.add_argument("--freeze-observer-epoch", type=int, help="freeze quantization ranges from this epoch")
+    qt.add_argument("--resume", action="store_true")
+    _add_train_options(qt)
+
     ex = sub.add_parser("export", help="export a run directory's model for deployment")
     ex.add_argument("run", help="run directory")
     ex.add_argument("--format", choices=("onnx",), default="onnx")
@@ -186,6 +212,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.run) / 'results.json'} and confusion_matrix.png", file=sys.stderr)
 
 
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from kdq.quantize_api import quantize
+
+    results = quantize(args.run, args.out, method=args.method, calibration_batches=args.calibration_batches,
+                       batch_size=args.calibration_batch_size, backend=args.backend, observer=args.observer,
+                       per_channel=args.per_channel, skip=args.skip)
+    _print_results(results)
+    print(f"wrote {args.out}/ (quantized.safetensors, quantized.json, results.json)", file=sys.stderr)
+
+
+def _cmd_qat(args: argparse.Namespace) -> None:
+    from kdq.quantize_api import qat
+
+    results = qat(args.run, args.out, teacher=args.teacher, temperature=args.temperature, alpha=args.alpha,
+                  backend=args.backend, per_channel=args.per_channel, freeze_bn_epoch=args.freeze_bn_epoch,
+                  freeze_observer_epoch=args.freeze_observer_epoch, resume=args.resume, **_train_options(args))
+    _print_results(results)
+    print(f"wrote {args.out}/ (quantized.safetensors, quantized.json, results.json)", file=sys.stderr)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from kdq import api
 
@@ -210,6 +256,8 @@ COMMANDS = {
     "distill": _cmd_train,
     "evaluate": _cmd_evaluate,
     "export": _cmd_export,
+    "quantize": _cmd_quantize,
+    "qat": _cmd_qat,
     "run": _cmd_run,
 }
 

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,15 @@ def fit(
     *,
     objective: Objective | None = None,
     resume: bool = False,
+    on_epoch_start: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train `model` on `data.train`, select the epoch with the best validation accuracy.
 
     With `out_dir`, every epoch appends to metrics.jsonl and atomically rewrites
     checkpoint.pt (model, optimizer, schedule, RNG state), so `resume=True` continues an
     interrupted run; on the CPU it reaches the same final weights as an uninterrupted run.
-    On return the model holds the best epoch's weights.
+    On return the model holds the best epoch's weights. `on_epoch_start(epoch)` (0-based) runs
+    before each epoch, resumed ones included: QAT uses it to freeze BN statistics and observers.
     """
     out = Path(out_dir) if out_dir is not None else None
     device = resolve_device(cfg.device)
@@ -147,6 +150,8 @@ def fit(
         # One generator per epoch, seeded from (seed, epoch): shuffling and augmentation of a
         # resumed epoch are exactly those of an uninterrupted run.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         record = _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch)
         val_acc, val_loss = _val_metrics(model, data, cfg)
         record.update(val_accuracy=val_acc, val_loss=val_loss)

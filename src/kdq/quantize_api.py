@@ -1,0 +1,148 @@
+"""Python entry points for int8: post-training quantization and quantization-aware training.
+
+    kdq.quantize("runs/kd", "runs/kd-int8", method="static", calibration_batches=32)
+    kdq.qat("runs/kd", "runs/kd-qat", teacher="runs/teacher", epochs=3)
+
+Both write a run directory holding quantized.safetensors + quantized.json (no pickle),
+config.yaml and results.json; `kdq evaluate` and `kdq.evaluate` read it back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdq.api import _run_data, evaluate, load_teacher, renormalize
+from kdq.data import DataBundle
+from kdq.distill import Distiller, KDLoss
+from kdq.engine import TrainConfig, count_params, fit
+from kdq.errors import KdqError
+from kdq.io import read_json
+from kdq.quant import (
+    apply_qat_freeze,
+    convert_qat,
+    load_quantized,
+    prepare_qat,
+    qat_freeze_callback,
+    quantize_dynamic,
+    quantize_static,
+    save_quantized,
+)
+from kdq.quant.serialize import MANIFEST, TENSORS
+from kdq.rundir import load_model, write_config, write_results
+
+METHODS = ("static", "dynamic")
+
+
+def calibration_set(data: DataBundle, meta: dict[str, Any], batches: int, batch_size: int) -> torch.Tensor:
+    """The first `batches * batch_size` training inputs, clamped (with a warning) to what exists."""
+    if batches < 1:
+        raise KdqError(f"calibration batches must be >= 1, got {batches}")
+    wanted = batches * batch_size
+    if wanted > len(data.train):
+        print(f"kdq: warning: {batches} calibration batches of {batch_size} exceed the {len(data.train)} "
+              "training samples; using all of them", file=sys.stderr)
+    return renormalize(data.train.x[:wanted], data, meta["mean"], meta["std"])
+
+
+def _spec(model: nn.Module, run: Path) -> dict[str, Any]:
+    spec = getattr(model, "kdq_spec", None)
+    if not spec or not spec.get("name"):
+        raise KdqError(f"{run} holds a custom model; int8 run directories need a zoo model (quantize it from Python instead)")
+    return spec
+
+
+def _finish(out: Path, qmodel: nn.Module, float_model: nn.Module, spec, meta, record, data) -> dict[str, Any]:  # noqa: ANN001
+    save_quantized(out, spec, qmodel, meta={**meta, "float_params": count_params(float_model)})
+    write_config(out, record)
+    results = evaluate(qmodel, data, out=out, weights=out / TENSORS)
+    results.update(runtime="pytorch-int8", backend=qmodel.kdq_quant.get("backend"), params=count_params(float_model))
+    write_results(out, results)
+    return results
+
+
+def quantize(
+    run: str | Path,
+    out: str | Path,
+    *,
+    method: str = "static",
+    calibration_batches: int = 32,
+    batch_size: int = 128,
+    backend: str = "x86",
+    observer: str = "histogram",
+    per_channel: bool = True,
+    skip: tuple[str, ...] | list[str] = (),
+) -> dict[str, Any]:
+    """Post-training int8 quantization of a run directory's model into the run directory `out`."""
+    if method not in METHODS:
+        raise KdqError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    run, out = Path(run), Path(out)
+    model, meta = load_model(run)
+    spec = _spec(model, run)
+    data = _run_data(run, None)
+    if method == "static":
+        calib = calibration_set(data, meta, calibration_batches, batch_size)
+        qmodel = quantize_static(model, calib, backend=backend, observer=observer, per_channel=per_channel, skip=skip)
+    else:
+        qmodel = quantize_dynamic(model)
+    record = {"command": "quantize", "source": str(run), "method": method, "backend": backend, "observer": observer,
+              "per_channel": per_channel, "skip": list(skip), "calibration_batches": calibration_batches,
+              "batch_size": batch_size, "data": {"name": data.name}}
+    return _finish(out, qmodel, model, spec, meta, record, data)
+
+
+def qat(
+    run: str | Path,
+    out: str | Path,
+    *,
+    teacher: str | Path | nn.Module | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    backend: str = "x86",
+    per_channel: bool = True,
+    freeze_bn_epoch: int | None = None,
+    freeze_observer_epoch: int | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Quantization-aware fine-tuning of a run's model (optionally distilled from `teacher`), then int8."""
+    run, out = Path(run), Path(out)
+    options = {"epochs": 3, "lr": 0.005, "warmup_epochs": 0.0, **options}  # fine-tuning: short, gentle
+    cfg = TrainConfig.from_dict(options)
+    model, meta = load_model(run)
+    spec = _spec(model, run)
+    data = _run_data(run, None)
+    qat_model = prepare_qat(model, data.train.x[:2], backend=backend, per_channel=per_channel)
+    objective = None
+    if teacher is not None:
+        objective = Distiller(load_teacher(teacher, data), KDLoss(temperature, alpha), "online", cfg.eval_batch_size)
+    record = {"command": "qat", "source": str(run), "backend": backend, "per_channel": per_channel,
+              "freeze_bn_epoch": freeze_bn_epoch, "freeze_observer_epoch": freeze_observer_epoch,
+              "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha,
+              "train": cfg.to_dict(), "data": {"name": data.name}}
+    write_config(out, record)
+    start = time.perf_counter()
+    callback = qat_freeze_callback(qat_model, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)
+    result = fit(qat_model, data, cfg, out, objective=objective, resume=resume, on_epoch_start=callback)
+    # restoring the best epoch's state can switch observers back on; the schedule decides
+    apply_qat_freeze(qat_model, cfg.epochs, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)
+    qmodel = convert_qat(qat_model.cpu())
+    results = _finish(out, qmodel, model, spec, meta, record, data)
+    results.update(best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
+                   train_time_s=time.perf_counter() - start)
+    write_results(out, results)
+    return results
+
+
+def is_int8_run(run: str | Path) -> bool:
+    return (Path(run) / MANIFEST).exists()
+
+
+def load_int8_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The int8 model of a quantize/qat run directory, and its float model's metadata."""
+    return load_quantized(run), read_json(Path(run) / MANIFEST).get("meta", {})
