@@ -215,3 +215,43 @@ def test_quantize_bad_skip_is_one_line(teacher_dir, tmp_path, capsys):
     code, _, err = run(capsys, "quantize", str(teacher_dir), "--out", str(tmp_path / "q"), "--skip", "no.such.layer",
                        "--calibration-batches", "1")
     assert code == 2 and err.count("\n") == 1 and "no.such.layer" in err, err
+
+
+def test_run_experiment_with_int8_stages(tmp_path, capsys):
+    exp = tmp_path / "q.yaml"
+    exp.write_text(
+        "data: {name: digits, subset: 300}\n"
+        "train: {batch_size: 64, progress: false, epochs: 1}\n"
+        "stages:\n"
+        "  teacher: {model: cnn-small}\n"
+        "  kd: {kind: distill, model: cnn-tiny, teacher: teacher}\n"
+        "  kd-int8: {kind: quantize, source: kd, calibration_batches: 2}\n"
+        "  kd-qat: {kind: qat, source: kd, teacher: teacher, epochs: 1, freeze_bn_epoch: 1}\n"
+        "compare: {teacher: teacher, student: kd}\n"
+    )
+    code, out, err = run(capsys, "run", str(exp), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert "| kd-int8 | cnn-tiny int8" in out and "| kd-qat  | cnn-tiny int8" in out
+    stages = json.loads((tmp_path / "o" / "summary.json").read_text())["stages"]
+    assert stages["kd-int8"]["size_bytes"] < stages["kd"]["size_bytes"]
+
+
+@pytest.mark.parametrize("stage, words", [
+    ("{kind: quantize, source: nope}", "source must name an earlier train or distill stage"),
+    ("{kind: quantize, source: a, method: fast}", "method must be one of static, dynamic"),
+    ("{kind: quantize, source: a, freeze_bn_epoch: 1}", "does not apply to a quantize stage"),
+])
+def test_bad_int8_stages(stage, words, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"data: {{name: digits}}\nstages: {{a: {{model: cnn-tiny}}, b: {stage}}}\n")
+    code, _, err = run(capsys, "run", str(path))
+    assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_seed004_example_parses():
+    from pathlib import Path
+
+    from kdq.config import load_experiment
+
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "examples" / "seed004.yaml")
+    assert [s.kind for s in exp.stages] == ["train", "train", "distill", "quantize", "qat"]

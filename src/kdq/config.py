@@ -28,9 +28,20 @@ from kdq.errors import KdqError, suggest
 
 TOP_LEVEL = ("name", "out", "data", "train", "stages", "compare")
 DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download")
-STAGE_KINDS = ("train", "distill")
+STAGE_KINDS = ("train", "distill", "quantize", "qat")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
-STAGE_KEYS = ("kind", "model", "model_args", "teacher", "temperature", "alpha", "teacher_mode") + TRAIN_KEYS
+# int8 stages start from an earlier stage's float model (`source`)
+QUANT_CHOICES = {
+    "method": ("static", "dynamic"),
+    "backend": ("x86", "fbgemm", "qnnpack"),
+    "observer": ("minmax", "moving_average", "histogram"),
+}
+QUANT_KEYS_BY_KIND = {
+    "quantize": ("method", "calibration_batches", "backend", "observer", "per_channel", "skip"),
+    "qat": ("backend", "per_channel", "freeze_bn_epoch", "freeze_observer_epoch"),
+}
+QUANT_KEYS = ("source", *dict.fromkeys(QUANT_KEYS_BY_KIND["quantize"] + QUANT_KEYS_BY_KIND["qat"]))
+STAGE_KEYS = ("kind", "model", "model_args", "teacher", "temperature", "alpha", "teacher_mode") + TRAIN_KEYS + QUANT_KEYS
 
 
 @dataclass
@@ -44,6 +55,8 @@ class Stage:
     temperature: float = 4.0
     alpha: float = 0.7
     teacher_mode: str = "online"
+    source: str | None = None  # quantize / qat: the earlier stage whose float model is used
+    quant: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,7 +139,8 @@ def parse_experiment(raw: dict[str, Any], default_name: str = "experiment") -> E
         raise KdqError("the experiment has no stages; add at least one under `stages:`")
     stages: list[Stage] = []
     for name, body in stages_raw.items():
-        stages.append(_parse_stage(str(name), _mapping(body, f"stage {name!r}"), defaults, [s.name for s in stages]))
+        earlier = {s.name: s for s in stages}
+        stages.append(_parse_stage(str(name), _mapping(body, f"stage {name!r}"), defaults, earlier))
     compare = _mapping(raw.get("compare"), "compare")
     _check_keys(compare, ("baseline", "student", "teacher"), "compare")
     for role, stage in compare.items():
@@ -135,12 +149,30 @@ def parse_experiment(raw: dict[str, Any], default_name: str = "experiment") -> E
     return Experiment(str(raw.get("name", default_name)), data, stages, compare, raw.get("out"), raw)
 
 
-def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: list[str]) -> Stage:
+def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: dict[str, Stage]) -> Stage:
     where = f"stage {name!r}"
     _check_keys(body, STAGE_KEYS, where)
     kind = body.get("kind", "distill" if "teacher" in body else "train")
     if kind not in STAGE_KINDS:
         raise KdqError(f"{where}: kind must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+    if kind in ("quantize", "qat"):
+        source = body.get("source")
+        if source not in earlier or earlier[source].kind not in ("train", "distill"):
+            floats = [n for n, s in earlier.items() if s.kind in ("train", "distill")]
+            raise KdqError(f"{where}: source must name an earlier train or distill stage{suggest(str(source), floats)}")
+        for key, choices in QUANT_CHOICES.items():
+            if key in body and body[key] not in choices:
+                raise KdqError(f"{where}: {key} must be one of {', '.join(choices)}, got {body[key]!r}")
+        body = {**body, "model": earlier[source].model}
+        for key in QUANT_KEYS[1:]:
+            if key in body and key not in QUANT_KEYS_BY_KIND[kind]:
+                raise KdqError(f"{where}: {key!r} does not apply to a {kind} stage; it takes {', '.join(QUANT_KEYS_BY_KIND[kind])}")
+        quant = {k: body[k] for k in QUANT_KEYS_BY_KIND[kind] if k in body}
+        if kind == "qat":
+            # fine-tuning keeps its own gentle defaults: only the stage's own training keys and
+            # the run-control defaults (batch size, device, progress) carry over
+            carried = {k: defaults[k] for k in ("batch_size", "device", "progress", "amp", "seed") if k in defaults}
+            quant["train"] = {**carried, **{k: v for k, v in body.items() if k in TRAIN_KEYS}}
     if "model" not in body:
         raise KdqError(f"{where} needs a model, e.g. model: cnn-small (see `kdq models`)")
     train_values = {**defaults, **{k: v for k, v in body.items() if k in TRAIN_KEYS}}
@@ -151,7 +183,9 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
     except KdqError as exc:
         raise KdqError(f"{where}: {exc}") from None
     stage = Stage(name, kind, str(body["model"]), train, _mapping(body.get("model_args"), f"{where} model_args"))
-    if kind == "distill":
+    if kind in ("quantize", "qat"):
+        stage.source, stage.quant = str(body["source"]), quant
+    if kind == "distill" or (kind == "qat" and "teacher" in body):
         teacher = body.get("teacher")
         if teacher is None:
             raise KdqError(f"{where} distills but names no teacher; add teacher: <earlier stage or run directory>")

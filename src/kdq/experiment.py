@@ -58,14 +58,26 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
     fingerprint = {
         "kind": stage.kind, "model": stage.model, "model_args": stage.model_args, "train": options,
         "data": data_record, "teacher": teacher, "temperature": stage.temperature, "alpha": stage.alpha,
-        "teacher_mode": stage.teacher_mode,
+        "teacher_mode": stage.teacher_mode, "source": stage.source, "quant": stage.quant,
     }
     same = read_json(stage_dir / STAGE_FILE) == fingerprint if (stage_dir / STAGE_FILE).exists() else False
     finished = read_results(stage_dir)
     if same and finished:
         print(f"   reusing finished stage {stage.name} (delete {stage_dir} to retrain)", file=sys.stderr)
-        return {**finished, "arch": stage.model}
+        return {**finished, "arch": stage.model + (" int8" if stage.kind in ("quantize", "qat") else "")}
     write_json(stage_dir / STAGE_FILE, fingerprint)
+    if stage.kind in ("quantize", "qat"):
+        from kdq.quantize_api import qat, quantize
+
+        source = root / stage.source
+        options = dict(stage.quant)
+        if stage.kind == "quantize":
+            results = quantize(source, stage_dir, **options)
+        else:
+            train = options.pop("train", {})
+            results = qat(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
+                          resume=same, **options, **train)
+        return {**results, "arch": f"{stage.model} int8"}
     common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
     if stage.kind == "train":
         run = api.train(stage.model, bundle, **common)
