@@ -112,7 +112,9 @@ def qat(
 ) -> dict[str, Any]:
     """Quantization-aware fine-tuning of a run's model (optionally distilled from `teacher`), then int8."""
     run, out = Path(run), Path(out)
-    options = {"epochs": 3, "lr": 0.005, "warmup_epochs": 0.0, **options}  # fine-tuning: short, gentle
+    # fine-tuning: short and gentle; fp32 throughout, because fake quantization's fused observer
+    # kernels reject the fp16 activations that CUDA autocast would hand them
+    options = {"epochs": 3, "lr": 0.005, "warmup_epochs": 0.0, **options, "amp": False}
     cfg = TrainConfig.from_dict(options)
     model, meta = load_model(run)
     spec = _spec(model, run)
