@@ -209,6 +209,10 @@ def test_quantize_static_dynamic_and_qat_with_teacher(teacher_dir, tmp_path, cap
     assert code == 0, err
     assert json.loads(out)["runtime"] == "pytorch-int8"
     assert {"train_kd", "train_ce"} <= json.loads((tmp_path / "qat" / "metrics.jsonl").read_text().splitlines()[0]).keys()
+    import yaml
+
+    # fake quantization breaks under CUDA fp16 autocast, so QAT always records and runs fp32
+    assert yaml.safe_load((tmp_path / "qat" / "config.yaml").read_text())["train"]["amp"] is False
 
 
 def test_quantize_bad_skip_is_one_line(teacher_dir, tmp_path, capsys):
