@@ -109,20 +109,29 @@ def _check_classes(meta: dict[str, Any], data: DataBundle, source: str | Path) -
         )
 
 
+def _same_units(meta: dict[str, Any], data: DataBundle) -> bool:
+    return list(meta.get("mean", [])) == list(data.mean) and list(meta.get("std", [])) == list(data.std)
+
+
+def _unit_change(data: DataBundle, meta: dict[str, Any], ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) taking `data`-normalised inputs to the units the model was saved with."""
+    shape = (1, -1) + (1,) * (ndim - 2)
+    t = lambda v: torch.tensor(v, dtype=torch.float32).reshape(shape)  # noqa: E731
+    return t(data.std) / t(meta["std"]), (t(data.mean) - t(meta["mean"])) / t(meta["std"])
+
+
 def _renormalized(model: nn.Module, meta: dict[str, Any], data: DataBundle) -> nn.Module:
     """Wrap a model whose saved normalisation differs from the data's (other split, other seed)."""
-    if meta.get("mean") == list(data.mean) and meta.get("std") == list(data.std):
+    if _same_units(meta, data):
         return model
-    return _Renormalize(model, data.mean, data.std, meta["mean"], meta["std"], len(data.input_shape))
+    return _Renormalize(model, *_unit_change(data, meta, len(data.input_shape) + 1))
 
 
 class _Renormalize(nn.Module):
-    def __init__(self, model, mean_in, std_in, mean_out, std_out, ndim) -> None:  # noqa: ANN001
+    def __init__(self, model: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
-        shape = (1, -1) + (1,) * (ndim - 1)
-        t = lambda v: torch.tensor(v, dtype=torch.float32).reshape(shape)  # noqa: E731
-        self.register_buffer("scale", t(std_in) / t(std_out))
-        self.register_buffer("shift", (t(mean_in) - t(mean_out)) / t(std_out))
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,13 +313,23 @@ def _run_data(run_dir: Path, data: str | DataBundle | None) -> DataBundle:
     return bundle
 
 
-def renormalize(x: torch.Tensor, data: DataBundle, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Re-express `data`-normalised inputs in the units of a model saved with `mean`/`std`."""
-    if list(data.mean) == list(mean) and list(data.std) == list(std):
+def renormalize(x: torch.Tensor, data: DataBundle, meta: dict[str, Any]) -> torch.Tensor:
+    """Re-express `data`-normalised inputs in the units of a model saved with `meta`'s mean/std."""
+    if _same_units(meta, data):
         return x
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    t = lambda v: torch.tensor(v, dtype=x.dtype).reshape(shape)  # noqa: E731
-    return ((x * t(data.std) + t(data.mean)) - t(mean)) / t(std)
+    scale, shift = _unit_change(data, meta, x.dim())
+    return x * scale + shift
+
+
+def calibration_set(data: DataBundle, meta: dict[str, Any], batches: int, batch_size: int) -> torch.Tensor:
+    """The first `batches * batch_size` training inputs, clamped (with a warning) to what exists."""
+    if batches < 1:
+        raise KdqError(f"calibration batches must be >= 1, got {batches}")
+    wanted = batches * batch_size
+    if wanted > len(data.train):
+        print(f"kdq: warning: {batches} calibration batches of {batch_size} exceed the {len(data.train)} "
+              "training samples; using all of them", file=sys.stderr)
+    return renormalize(data.train.x[:wanted], data, meta)
 
 
 def export(
@@ -330,26 +349,23 @@ def export(
     next to the float model's.
     """
     from kdq.deploy import OrtModel, check_agreement, export_onnx, quantize_onnx_static
+    from kdq.deploy.onnx_export import MIN_FLOAT_AGREEMENT
 
     run_dir = Path(run)
     model, meta = load_model(run_dir)
     bundle = _run_data(run_dir, data)
-    test_x = renormalize(bundle.test.x, bundle, meta["mean"], meta["std"])
+    test_x = renormalize(bundle.test.x, bundle, meta)
     out = Path(out)
     float_path = out if not int8 else out.with_name(out.stem + ".float.onnx")
     export_onnx(model, test_x[:2], float_path, meta=meta, verify=False)
     agreement = check_agreement(model, OrtModel(float_path), test_x)
-    if agreement["agreement"] < 0.999:
+    if agreement["agreement"] < MIN_FLOAT_AGREEMENT:
         float_path.unlink(missing_ok=True)
         raise KdqError(f"ONNX Runtime agrees with PyTorch on only {agreement['agreement']:.2%} of the test set; export refused")
     info: dict[str, Any] = {"float_onnx": str(float_path), "float_agreement": agreement["agreement"],
                             "float_max_abs_diff": agreement["max_abs_diff"]}
     if int8:
-        wanted = calibration_batches * batch_size
-        if wanted > len(bundle.train):
-            print(f"kdq: warning: {calibration_batches} calibration batches of {batch_size} exceed the "
-                  f"{len(bundle.train)} training samples; using all of them", file=sys.stderr)
-        calib = renormalize(bundle.train.x[:wanted], bundle, meta["mean"], meta["std"])
+        calib = calibration_set(bundle, meta, calibration_batches, batch_size)
         quantize_onnx_static(float_path, calib, out, calibrate_method=calibrate_method)
         int8_logits = OrtModel(out).predict(test_x)
         y = bundle.test.y
@@ -371,7 +387,7 @@ def evaluate_onnx_file(path: str | Path, data: str | DataBundle | None = None, *
     path = Path(path)
     _, meta = load_onnx(path)
     bundle, _ = resolve_data(data if data is not None else meta["dataset"])
-    x = renormalize(bundle.test.x, bundle, meta["mean"], meta["std"])
+    x = renormalize(bundle.test.x, bundle, meta)
     results = evaluate_onnx(path, x, bundle.test.y, list(bundle.classes), speed=speed)
     results["split"] = "test"
     stem = path.with_suffix("")

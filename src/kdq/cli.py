@@ -235,8 +235,6 @@ def _cmd_qat(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from kdq import api
 
-    if args.calibration_batches < 1:
-        raise KdqError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
     info = api.export(args.run, args.out, int8=args.int8, calibration_batches=args.calibration_batches,
                       batch_size=args.calibration_batch_size, calibrate_method=args.calibrate_method)
     print(json.dumps(info, indent=2))

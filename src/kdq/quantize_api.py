@@ -9,16 +9,13 @@ config.yaml and results.json; `kdq evaluate` and `kdq.evaluate` read it back.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from kdq.api import _run_data, evaluate, load_teacher, renormalize
-from kdq.data import DataBundle
+from kdq.api import _run_data, calibration_set, evaluate, load_teacher
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, fit
 from kdq.errors import KdqError
@@ -37,17 +34,6 @@ from kdq.quant.serialize import MANIFEST, TENSORS
 from kdq.rundir import load_model, write_config, write_results
 
 METHODS = ("static", "dynamic")
-
-
-def calibration_set(data: DataBundle, meta: dict[str, Any], batches: int, batch_size: int) -> torch.Tensor:
-    """The first `batches * batch_size` training inputs, clamped (with a warning) to what exists."""
-    if batches < 1:
-        raise KdqError(f"calibration batches must be >= 1, got {batches}")
-    wanted = batches * batch_size
-    if wanted > len(data.train):
-        print(f"kdq: warning: {batches} calibration batches of {batch_size} exceed the {len(data.train)} "
-              "training samples; using all of them", file=sys.stderr)
-    return renormalize(data.train.x[:wanted], data, meta["mean"], meta["std"])
 
 
 def _spec(model: nn.Module, run: Path) -> dict[str, Any]:
