@@ -259,3 +259,11 @@ def test_seed004_example_parses():
 
     exp = load_experiment(Path(__file__).resolve().parents[1] / "examples" / "seed004.yaml")
     assert [s.kind for s in exp.stages] == ["train", "train", "distill", "quantize", "qat"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_zero_calibration_batches_is_one_line(command, teacher_dir, tmp_path, capsys):
+    extra = ["--int8"] if command == "export" else []
+    code, _, err = run(capsys, command, str(teacher_dir), "--out", str(tmp_path / "o.onnx"), *extra,
+                       "--calibration-batches", "0")
+    assert code == 2 and "calibration batches must be >= 1" in err and err.count("\n") == 1, err
