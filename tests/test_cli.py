@@ -214,6 +214,19 @@ def test_quantize_static_dynamic_and_qat_with_teacher(teacher_dir, tmp_path, cap
     # fake quantization breaks under CUDA fp16 autocast, so QAT always records and runs fp32
     assert yaml.safe_load((tmp_path / "qat" / "config.yaml").read_text())["train"]["amp"] is False
 
+    # the QAT model goes to ONNX with its own scales; ONNX Runtime runs it as int8
+    qat_acc = json.loads((tmp_path / "qat" / "results.json").read_text())["accuracy"]
+    code, out, err = run(capsys, "export", str(tmp_path / "qat"), "--format", "onnx", "--int8",
+                         "--out", str(tmp_path / "qat" / "model.onnx"))
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["pytorch_int8_accuracy"] == pytest.approx(qat_acc)
+    assert info["int8_agreement"] >= 0.95 and abs(info["int8_accuracy"] - qat_acc) <= 0.03
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "qat" / "model.onnx"), "--no-speed")
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["precision"] == "int8" and results["accuracy"] == pytest.approx(info["int8_accuracy"])
+
 
 def test_quantize_bad_skip_is_one_line(teacher_dir, tmp_path, capsys):
     code, _, err = run(capsys, "quantize", str(teacher_dir), "--out", str(tmp_path / "q"), "--skip", "no.such.layer",
@@ -235,7 +248,7 @@ def test_run_experiment_with_int8_stages(tmp_path, capsys):
     )
     code, out, err = run(capsys, "run", str(exp), "--out", str(tmp_path / "o"))
     assert code == 0, err
-    assert "| kd-int8 | cnn-tiny int8" in out and "| kd-qat  | cnn-tiny int8" in out
+    assert "| kd-int8 | cnn-tiny int8 | pytorch-int8 cpu" in out and "| kd-qat  | cnn-tiny int8 | pytorch-int8 cpu" in out
     stages = json.loads((tmp_path / "o" / "summary.json").read_text())["stages"]
     assert stages["kd-int8"]["size_bytes"] < stages["kd"]["size_bytes"]
 

@@ -278,7 +278,7 @@ def evaluate(
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         model.eval()
         results.update(measure_speed(model, part.x[:1].to(device), synchronize=sync))
-    results["environment"] = environment()
+    results["environment"] = environment(device)
     if out is not None:
         out = Path(out)
         write_results(out, results)
@@ -340,22 +340,28 @@ def export(
     calibration_batches: int = 32,
     batch_size: int = 128,
     calibrate_method: str = "minmax",
+    activation_type: str = "uint8",
     data: str | DataBundle | None = None,
 ) -> dict[str, Any]:
-    """Export a run directory's model to ONNX (float, or int8 QDQ calibrated on training data).
+    """Export a run directory's model to ONNX.
 
-    The float export is checked on the whole test set: ONNX Runtime must make the same
-    prediction as PyTorch on at least 99.9% of it. The int8 export's test accuracy is reported
-    next to the float model's.
+    A float run gives a float file, checked on the whole test set: ONNX Runtime must make the
+    same prediction as PyTorch on at least 99.9% of it. With `int8`, that file is then quantized
+    by ONNX Runtime (QDQ, calibrated on training data) and its test accuracy is reported next to
+    the float model's. An int8 run (from `kdq quantize` or `kdq qat`) is written as QDQ with its
+    own scales, so QAT's learned quantization is kept; its accuracy is reported next to PyTorch
+    int8's, with how often the two runtimes agree.
     """
     from kdq.deploy import OrtModel, check_agreement, export_onnx, quantize_onnx_static
     from kdq.deploy.onnx_export import MIN_FLOAT_AGREEMENT
+    from kdq.quant.serialize import MANIFEST
 
-    run_dir = Path(run)
+    run_dir, out = Path(run), Path(out)
+    if (run_dir / MANIFEST).exists():
+        return _export_int8_run(run_dir, out, data)
     model, meta = load_model(run_dir)
     bundle = _run_data(run_dir, data)
     test_x = renormalize(bundle.test.x, bundle, meta)
-    out = Path(out)
     float_path = out if not int8 else out.with_name(out.stem + ".float.onnx")
     export_onnx(model, test_x[:2], float_path, meta=meta, verify=False)
     agreement = check_agreement(model, OrtModel(float_path), test_x)
@@ -366,18 +372,42 @@ def export(
                             "float_max_abs_diff": agreement["max_abs_diff"]}
     if int8:
         calib = calibration_set(bundle, meta, calibration_batches, batch_size)
-        quantize_onnx_static(float_path, calib, out, calibrate_method=calibrate_method)
-        int8_logits = OrtModel(out).predict(test_x)
-        y = bundle.test.y
+        quantize_onnx_static(float_path, calib, out, calibrate_method=calibrate_method, activation_type=activation_type)
         info.update(
             int8_onnx=str(out),
+            int8_source="onnxruntime static quantization",
             calibration_samples=len(calib),
-            float_accuracy=(predict(model, test_x).argmax(1).cpu() == y).float().mean().item(),
-            int8_accuracy=(int8_logits.argmax(1) == y).float().mean().item(),
+            float_accuracy=_accuracy(predict(model, test_x), bundle.test.y),
+            int8_accuracy=_accuracy(OrtModel(out).predict(test_x), bundle.test.y),
             float_size_bytes=float_path.stat().st_size,
             int8_size_bytes=out.stat().st_size,
         )
     return info
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1).cpu() == y.cpu()).float().mean().item()
+
+
+def _export_int8_run(run_dir: Path, out: Path, data: str | DataBundle | None) -> dict[str, Any]:
+    from kdq.deploy import OrtModel, export_onnx
+    from kdq.quant.serialize import MANIFEST, load_quantized
+
+    qmodel = load_quantized(run_dir)
+    meta = read_json(run_dir / MANIFEST).get("meta", {})
+    bundle = _run_data(run_dir, data)
+    _check_classes(meta, bundle, run_dir)
+    test_x = renormalize(bundle.test.x, bundle, meta).cpu()  # PyTorch int8 kernels are CPU kernels
+    export_onnx(qmodel, test_x[:2], out, meta=meta)
+    torch_logits, ort_logits = predict(qmodel, test_x), OrtModel(out).predict(test_x)
+    return {
+        "int8_onnx": str(out),
+        "int8_source": f"carried over from the {qmodel.kdq_quant['kind']} model's scales",
+        "pytorch_int8_accuracy": _accuracy(torch_logits, bundle.test.y),
+        "int8_accuracy": _accuracy(ort_logits, bundle.test.y),
+        "int8_agreement": (torch_logits.argmax(1) == ort_logits.argmax(1)).float().mean().item(),
+        "int8_size_bytes": out.stat().st_size,
+    }
 
 
 def evaluate_onnx_file(path: str | Path, data: str | DataBundle | None = None, *, speed: bool = True) -> dict[str, Any]:

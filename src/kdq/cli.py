@@ -121,10 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(qt)
 
     ex = sub.add_parser("export", help="export a run directory's model for deployment")
-    ex.add_argument("run", help="run directory")
+    ex.add_argument("run", help="run directory (float, or int8 from quantize/qat: exported with its own scales)")
     ex.add_argument("--format", choices=("onnx",), default="onnx")
     ex.add_argument("--out", required=True, help="file to write, e.g. runs/kd/model.onnx")
-    ex.add_argument("--int8", action="store_true", help="static int8 (QDQ, per-channel weights) calibrated by ONNX Runtime")
+    ex.add_argument("--int8", action="store_true",
+                    help="int8 QDQ with per-channel weights: calibrated by ONNX Runtime for a float run, "
+                         "carried over for an int8 run (which is exported as int8 either way)")
+    ex.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8",
+                    help="ONNX Runtime calibration only: uint8 activations (U8S8, fastest on AVX2 CPUs) or int8 (S8S8)")
     ex.add_argument("--calibration-batches", type=int, default=32, help="training batches used to calibrate (default 32)")
     ex.add_argument("--calibration-batch-size", type=int, default=128)
     ex.add_argument("--calibrate-method", choices=("minmax", "entropy", "percentile"), default="minmax")
@@ -154,7 +158,7 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_results(results: dict[str, Any]) -> None:
-    keys = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "runtime")
+    keys = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "runtime", "precision")
     print(json.dumps({k: results[k] for k in keys if k in results}, indent=2))
 
 
@@ -236,7 +240,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from kdq import api
 
     info = api.export(args.run, args.out, int8=args.int8, calibration_batches=args.calibration_batches,
-                      batch_size=args.calibration_batch_size, calibrate_method=args.calibrate_method)
+                      batch_size=args.calibration_batch_size, calibrate_method=args.calibrate_method,
+                      activation_type=args.activation_type)
     print(json.dumps(info, indent=2))
 
 

@@ -16,6 +16,7 @@ STAGE_FILE = "stage.json"
 COLUMNS = (
     ("stage", "model"),
     ("arch", "architecture"),
+    ("runtime", "runs on"),
     ("params", "params"),
     ("size", "size"),
     ("accuracy", "accuracy"),
@@ -93,6 +94,7 @@ def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, 
         rows.append({
             "stage": name,
             "arch": r["arch"],
+            "runtime": f"{r.get('runtime', 'pytorch')} {r['environment'].get('device_type', '')}".strip(),
             "params": f"{r['params']:,}",
             "size": human_bytes(r["size_bytes"]),
             "accuracy": f"{r['accuracy']:.4f}",
@@ -117,7 +119,9 @@ def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, 
             f"{teacher['latency_ms_batch1'] / student['latency_ms_batch1']:.1f}x lower batch-1 latency, "
             f"{(teacher['accuracy'] - student['accuracy']) * 100:.2f} points less accurate"
         )
+    # int8 rows run on the CPU even where float rows ran on a GPU: name every processor used
+    devices = dict.fromkeys(r["environment"]["device"] for r in results.values())
     env = next(iter(results.values()))["environment"]
-    notes.append(f"measured on {env['device']} with {env['threads']} threads, torch {env['torch']}")
+    notes.append(f"measured on {' and '.join(devices)} with {env['threads']} CPU threads, torch {env['torch']}")
     return {"experiment": exp.name, "table": markdown_table(rows, COLUMNS), "notes": notes, "stages": results}
 

@@ -130,3 +130,40 @@ def test_bad_arguments(trained, tmp_path):
         quantize_onnx_static(q, test_x, tmp_path / "x.onnx")
     with pytest.raises(KdqError, match="classes"):
         export_onnx(create_model("cnn-tiny", 4, 1), test_x[:2], tmp_path / "y.onnx", meta={"mean": [0], "std": [1]})
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenetv2-x0.35", "cnn-tiny"])
+def test_pytorch_int8_model_exports_with_its_own_scales(name, tmp_path):
+    from kdq.deploy.onnx_export import get_metadata
+    from kdq.quant import quantize_static
+
+    torch.manual_seed(0)
+    model = create_model(name, 4, 1).eval()
+    x = torch.randn(64, 1, 8, 8) * 2
+    qmodel = quantize_static(model, x, observer="minmax")
+    path = export_onnx(qmodel, x[:2], tmp_path / "q.onnx", meta=_meta((1, 8, 8)))
+    proto = onnx.load(str(path))
+    assert get_metadata(proto)["precision"] == "int8"
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    ref, got = qmodel(x), OrtModel(path)(x)
+    # same scales, same integer grid: the runtimes differ by at most a few quantization steps
+    step = qmodel.fc.scale if hasattr(qmodel.fc, "scale") else 1.0
+    assert (ref - got).abs().max().item() <= 3 * step + 1e-6
+
+
+def test_relu6_clip_runs_on_integers(tmp_path):
+    """MobileNetV2's unfused ReLU6 becomes an integer Clip, not a float detour between QDQ pairs."""
+    from kdq.deploy.onnx_export import clip_in_integers
+    from kdq.quant import quantize_static
+
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2-x0.35", 4, 1).eval()
+    x = torch.randn(64, 1, 8, 8) * 2
+    qmodel = quantize_static(model, x, observer="minmax")
+    path = export_onnx(qmodel, x[:2], tmp_path / "q.onnx", meta=_meta((1, 8, 8)))
+    proto = onnx.load(str(path))
+    assert clip_in_integers(proto) == 0  # already done at export: nothing left to rewrite
+    inits = {t.name: t for t in proto.graph.initializer}
+    clips = [n for n in proto.graph.node if n.op_type == "Clip"]
+    assert clips and all(inits[n.input[1]].data_type == onnx.TensorProto.UINT8 for n in clips)

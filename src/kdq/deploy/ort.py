@@ -121,5 +121,5 @@ def evaluate_onnx(
     if speed:
         results.update(measure_speed(model, x[:1]))
         results["threads"] = model.session.get_session_options().intra_op_num_threads
-    results["environment"] = environment()
+    results["environment"] = environment("cpu")  # the CPU execution provider
     return results

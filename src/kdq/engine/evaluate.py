@@ -114,10 +114,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict[str, Any]:
-    """Where the numbers came from."""
+def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Where the numbers came from: the processor `device` names (default: the machine's best).
+
+    Pass the device the model ran on: int8 PyTorch and ONNX Runtime run on the CPU even on a
+    machine with a GPU, and their rows must not name the GPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_type": device.type,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
