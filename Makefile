@@ -5,7 +5,7 @@ CONSTRAINTS ?= constraints.txt
 BIN         := $(VENV)/bin
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test install data bench bench-int8 clean
 
 $(BIN)/kdq: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: install data
 
 bench: install data
 	$(BIN)/python bench/pipeline.py
+
+# About an hour on 2 cores: trains seed 004's pipeline plus a ResNet-20 student, then measures
+bench-int8: install data
+	$(BIN)/python bench/int8.py --out runs/seed004
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

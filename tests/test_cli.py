@@ -251,6 +251,13 @@ def test_run_experiment_with_int8_stages(tmp_path, capsys):
     assert "| kd-int8 | cnn-tiny int8 | pytorch-int8 cpu" in out and "| kd-qat  | cnn-tiny int8 | pytorch-int8 cpu" in out
     stages = json.loads((tmp_path / "o" / "summary.json").read_text())["stages"]
     assert stages["kd-int8"]["size_bytes"] < stages["kd"]["size_bytes"]
+    import yaml
+
+    # every stage records the data options, so later commands reload the very same data
+    for stage in ("kd", "kd-int8", "kd-qat"):
+        assert yaml.safe_load((tmp_path / "o" / stage / "config.yaml").read_text())["data"]["subset"] == 300, stage
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "o" / "kd-int8"), "--no-speed")
+    assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(stages["kd-int8"]["accuracy"])
 
 
 @pytest.mark.parametrize("stage, words", [

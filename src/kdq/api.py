@@ -56,7 +56,7 @@ class Run:
 def resolve_data(data: str | DataBundle, **options: Any) -> tuple[DataBundle, dict[str, Any]]:
     """A DataBundle and the record of how to load it again (for config.yaml)."""
     if isinstance(data, DataBundle):
-        return data, {"name": data.name}
+        return data, {"name": data.name, **data.options}
     options = {k: v for k, v in options.items() if v is not None}
     if "data_dir" in options:
         options["data_dir"] = str(options["data_dir"])

@@ -73,11 +73,11 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
         source = root / stage.source
         options = dict(stage.quant)
         if stage.kind == "quantize":
-            results = quantize(source, stage_dir, **options)
+            results = quantize(source, stage_dir, data=bundle, **options)
         else:
             train = options.pop("train", {})
             results = qat(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
-                          resume=same, **options, **train)
+                          resume=same, data=bundle, **options, **train)
         return {**results, "arch": f"{stage.model} int8"}
     common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
     if stage.kind == "train":

@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from kdq.api import _run_data, calibration_set, evaluate, load_teacher
+from kdq.api import _renormalized, _run_data, calibration_set, evaluate, load_teacher, resolve_data
+from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, fit
 from kdq.errors import KdqError
@@ -43,10 +44,15 @@ def _spec(model: nn.Module, run: Path) -> dict[str, Any]:
     return spec
 
 
+def _data_record(data: DataBundle) -> dict[str, Any]:
+    return resolve_data(data)[1]  # name plus load options, so later commands load the same data
+
+
 def _finish(out: Path, qmodel: nn.Module, float_model: nn.Module, spec, meta, record, data) -> dict[str, Any]:  # noqa: ANN001
     save_quantized(out, spec, qmodel, meta={**meta, "float_params": count_params(float_model)})
     write_config(out, record)
-    results = evaluate(qmodel, data, out=out, weights=out / TENSORS)
+    # in the model's own input units, exactly as `kdq evaluate` will reload and score it
+    results = evaluate(_renormalized(qmodel, meta, data), data, out=out, weights=out / TENSORS)
     results.update(runtime="pytorch-int8", backend=qmodel.kdq_quant.get("backend"), params=count_params(float_model))
     write_results(out, results)
     return results
@@ -63,14 +69,18 @@ def quantize(
     observer: str = "histogram",
     per_channel: bool = True,
     skip: tuple[str, ...] | list[str] = (),
+    data: str | DataBundle | None = None,
 ) -> dict[str, Any]:
-    """Post-training int8 quantization of a run directory's model into the run directory `out`."""
+    """Post-training int8 quantization of a run directory's model into the run directory `out`.
+
+    Calibration and evaluation use the run's own data set and options unless `data` is given.
+    """
     if method not in METHODS:
         raise KdqError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     run, out = Path(run), Path(out)
     model, meta = load_model(run)
     spec = _spec(model, run)
-    data = _run_data(run, None)
+    data = _run_data(run, data)
     if method == "static":
         calib = calibration_set(data, meta, calibration_batches, batch_size)
         qmodel = quantize_static(model, calib, backend=backend, observer=observer, per_channel=per_channel, skip=skip)
@@ -78,7 +88,7 @@ def quantize(
         qmodel = quantize_dynamic(model)
     record = {"command": "quantize", "source": str(run), "method": method, "backend": backend, "observer": observer,
               "per_channel": per_channel, "skip": list(skip), "calibration_batches": calibration_batches,
-              "batch_size": batch_size, "data": {"name": data.name}}
+              "batch_size": batch_size, "data": _data_record(data)}
     return _finish(out, qmodel, model, spec, meta, record, data)
 
 
@@ -94,6 +104,7 @@ def qat(
     freeze_bn_epoch: int | None = None,
     freeze_observer_epoch: int | None = None,
     resume: bool = False,
+    data: str | DataBundle | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Quantization-aware fine-tuning of a run's model (optionally distilled from `teacher`), then int8."""
@@ -104,7 +115,7 @@ def qat(
     cfg = TrainConfig.from_dict(options)
     model, meta = load_model(run)
     spec = _spec(model, run)
-    data = _run_data(run, None)
+    data = _run_data(run, data)
     qat_model = prepare_qat(model, data.train.x[:2], backend=backend, per_channel=per_channel)
     objective = None
     if teacher is not None:
@@ -112,7 +123,7 @@ def qat(
     record = {"command": "qat", "source": str(run), "backend": backend, "per_channel": per_channel,
               "freeze_bn_epoch": freeze_bn_epoch, "freeze_observer_epoch": freeze_observer_epoch,
               "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha,
-              "train": cfg.to_dict(), "data": {"name": data.name}}
+              "train": cfg.to_dict(), "data": _data_record(data)}
     write_config(out, record)
     start = time.perf_counter()
     callback = qat_freeze_callback(qat_model, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)

@@ -52,6 +52,9 @@ class DataBundle:
     input_shape: tuple[int, ...]
     crop_padding: int
     flip: bool
+    # How load_dataset made it (subset, split seed, ...): recorded in run directories so that
+    # later commands (quantize, qat, export) load exactly the same data again.
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -111,6 +114,8 @@ def load_dataset(
         input_shape=tuple(x_train.shape[1:]),
         crop_padding=source.crop_padding,
         flip=source.flip,
+        options={k: v for k, v in {"data_dir": None if data_dir is None else str(data_dir), "val_size": val_size,
+                                    "subset": subset, "seed": seed}.items() if v is not None},
     )
 
 

@@ -1,0 +1,162 @@
+"""Real low-bit storage: bit-packed weight codes in safetensors, everything else as JSON.
+
+A k-bit weight takes ceil(numel * k / 8) bytes plus its scales: about k/32 of float32.
+Bit layout: code i occupies bits [i*k, (i+1)*k) of one little-endian bit stream, least
+significant bit first, and bit j of the stream is bit j % 8 of byte j // 8 (NumPy's
+`packbits(bitorder="little")` order). The last byte is padded with zeros.
+
+`save_packed` stores only the codes of quantized weights, not their latent float values;
+`load_packed` rebuilds the zoo model, redoes `quantize_lowbit` from the recorded plan, loads
+the other tensors (biases, batch norm, quantizer state) and freezes each quantized weight
+at its dequantized codes, so the loaded model's eval outputs equal the original's exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdq.errors import KdqError
+from kdq.io import load_weights, read_json, save_weights, write_json
+from kdq.models import create_model
+from kdq.quant.lowbit.layers import lowbit_layers, rebuild_lowbit
+from kdq.quant.lowbit.quantizers import QuantCodes, check_bits
+
+TENSORS = "packed.safetensors"
+MANIFEST = "packed.json"
+FORMAT = "kdq-lowbit"
+# Codes handled per step: a multiple of 8, so every step but the last fills whole bytes, and
+# small enough that the (codes x bits) intermediate stays a few MB for any model.
+_CHUNK = 1 << 16
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that `numel` codes of `bits` bits take once packed."""
+    return (numel * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in [0, 2**bits), any shape, as a flat uint8 tensor of packed bits."""
+    bits = check_bits(bits)
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise KdqError(f"pack_codes needs an integer tensor of codes, got {codes.dtype}")
+    flat = codes.detach().reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise KdqError(f"{bits}-bit codes must lie in [0, {1 << bits}), got values from {int(flat.min())} to {int(flat.max())}")
+    shifts = torch.arange(bits, device=flat.device)
+    byte_bits = torch.arange(8, device=flat.device)
+    out = []
+    for start in range(0, flat.numel(), _CHUNK):
+        stream = ((flat[start : start + _CHUNK, None] >> shifts) & 1).reshape(-1)
+        stream = F.pad(stream, (0, -stream.numel() % 8))
+        out.append((stream.reshape(-1, 8) << byte_bits).sum(1).to(torch.uint8))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8, device=flat.device)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The first `numel` codes of `bits` bits from `pack_codes`' output, as a flat int64 tensor."""
+    bits = check_bits(bits)
+    need = packed_nbytes(numel, bits)
+    if packed.dtype != torch.uint8 or packed.numel() != need:
+        raise KdqError(f"packed codes should be {need} uint8 bytes for {numel} codes of {bits} bits, got {packed.numel()} {packed.dtype} values")
+    flat = packed.reshape(-1).to(torch.int64)
+    shifts = torch.arange(bits, device=flat.device)
+    byte_bits = torch.arange(8, device=flat.device)
+    out = []
+    chunk_bytes = _CHUNK * bits // 8
+    for i, start in enumerate(range(0, flat.numel(), chunk_bytes)):
+        count = min(_CHUNK, numel - i * _CHUNK)
+        stream = ((flat[start : start + chunk_bytes, None] >> byte_bits) & 1).reshape(-1)
+        out.append((stream[: count * bits].reshape(count, bits) << shifts).sum(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=flat.device)
+
+
+# ---- whole models
+
+
+def save_packed(model: nn.Module, path_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write a `quantize_lowbit` zoo model to `path_dir`: packed.safetensors + packed.json.
+
+    Quantized weights are stored as packed codes with their scale and zero point (or lookup
+    table); every other parameter and buffer (biases, batch norm, quantizer state such as LSQ
+    step sizes and activation ranges) as float tensors. `meta` is extra JSON data for the
+    manifest. Both files are written atomically, the manifest last.
+    """
+    record = getattr(model, "kdq_lowbit", None)
+    spec = getattr(model, "kdq_spec", None)
+    if record is None:
+        raise KdqError("save_packed needs a model made by quantize_lowbit (it has no kdq_lowbit record)")
+    if not spec or not spec.get("name"):
+        raise KdqError("save_packed needs a zoo model built by create_model (it has no kdq_spec to rebuild it from)")
+    tensors: dict[str, torch.Tensor] = {}
+    weights: dict[str, dict[str, Any]] = {}
+    for name, layer in lowbit_layers(model).items():
+        if layer.weight_quantizer is None and layer.weight_codes is None:
+            continue  # a float weight: saved below with the other tensors
+        key = f"{name}.weight" if name else "weight"
+        codes = layer.export_weight()
+        tensors[f"{key}::codes"] = pack_codes(codes.codes, codes.bits)
+        if codes.kind == "lookup":
+            tensors[f"{key}::levels"] = codes.levels
+        else:
+            tensors[f"{key}::scale"] = codes.scale
+            tensors[f"{key}::zero_point"] = codes.zero_point
+        weights[key] = {"bits": codes.bits, "shape": list(codes.codes.shape), "dequant": codes.kind}
+    for key, value in model.state_dict().items():
+        if key not in weights:
+            tensors[key] = value
+    out = Path(path_dir)
+    save_weights(out / TENSORS, tensors)
+    manifest = {"format": FORMAT, "version": 1, "spec": spec, "lowbit": record, "weights": weights, "meta": meta or {}}
+    write_json(out / MANIFEST, manifest)  # written last: its presence marks a complete save
+    return out
+
+
+def load_packed(path_dir: str | Path) -> nn.Module:
+    """Rebuild a model saved by `save_packed`, in eval mode; nothing is unpickled.
+
+    Quantized weights are frozen at their stored values (`unfreeze_weight` on a layer resumes
+    quantization-aware training from them); its eval outputs equal the saved model's.
+    """
+    path = Path(path_dir)
+    if not (path / MANIFEST).exists() or not (path / TENSORS).exists():
+        raise KdqError(f"{path} holds no packed low-bit model ({MANIFEST} and {TENSORS} expected)")
+    manifest = read_json(path / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KdqError(f"{path / MANIFEST}: not a packed low-bit kdq model (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    tensors = load_weights(path / TENSORS)
+    model = rebuild_lowbit(create_model(**manifest["spec"]), manifest["lowbit"])
+    layers = lowbit_layers(model)
+    state = {k: v for k, v in tensors.items() if "::" not in k}
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != set(manifest["weights"]):
+        extra = sorted(result.unexpected_keys) or sorted(set(result.missing_keys) ^ set(manifest["weights"]))
+        raise KdqError(f"{path / TENSORS} does not match the model its manifest describes (first mismatched tensors: {', '.join(extra[:3])})")
+    for key, entry in manifest["weights"].items():
+        layer = layers.get(key.removesuffix("weight").removesuffix("."))
+        if layer is None:
+            raise KdqError(f"{path / MANIFEST}: packed weight {key!r} is not a low-bit layer of the rebuilt model")
+        layer.freeze_weight(_codes(key, entry, tensors))
+    return model.eval()
+
+
+def _codes(key: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantCodes:
+    """The QuantCodes of one packed weight, from its manifest entry and stored tensors."""
+    bits, shape, kind = check_bits(entry.get("bits")), entry.get("shape"), entry.get("dequant")
+    parts = ("codes", "levels") if kind == "lookup" else ("codes", "scale", "zero_point")
+    if kind not in ("affine", "lookup") or not isinstance(shape, list):
+        raise KdqError(f"{MANIFEST}: bad entry for {key!r}: dequant must be affine or lookup and shape a list")
+    missing = [p for p in parts if f"{key}::{p}" not in tensors]
+    if missing:
+        raise KdqError(f"{TENSORS} lacks {', '.join(f'{key}::{p}' for p in missing)}")
+    numel = 1
+    for size in shape:
+        numel *= size
+    codes = unpack_codes(tensors[f"{key}::codes"], bits, numel).reshape(shape)
+    if kind == "lookup":
+        return QuantCodes(codes, bits, levels=tensors[f"{key}::levels"])
+    return QuantCodes(codes, bits, tensors[f"{key}::scale"], tensors[f"{key}::zero_point"])
