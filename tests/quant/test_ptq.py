@@ -90,6 +90,28 @@ def test_reload_without_pickle_is_identical(toy_data, tmp_path):
     assert torch.equal(reloaded(toy_data.val.x), q(toy_data.val.x))
 
 
+def test_per_channel_metadata_is_compact_and_exact(toy_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from kdq.quant.serialize import _narrowest
+
+    model = bn_calibrated("mobilenetv2-x0.35", toy_data.train.x)
+    q = quantize_static(model, toy_data.train.x[:32], observer="minmax")
+    save_quantized(tmp_path, model.kdq_spec, q)
+    stored = load_file(tmp_path / "quantized.safetensors")
+    scales = [t for k, t in stored.items() if k.endswith("::scales")]
+    zeros = [t for k, t in stored.items() if k.endswith("::zero_points")]
+    assert scales and all(t.dtype == torch.float32 for t in scales)
+    assert zeros and all(t.dtype == torch.int8 for t in zeros)
+    original, reloaded = q.state_dict(), load_quantized(tmp_path).state_dict()
+    for key, value in original.items():
+        if isinstance(value, torch.Tensor) and value.is_quantized and value.qscheme() == torch.per_channel_symmetric:
+            assert torch.equal(reloaded[key].q_per_channel_scales(), value.q_per_channel_scales())
+            assert reloaded[key].q_per_channel_scales().dtype == torch.float64
+    odd = torch.tensor([0.1, 1 / 3], dtype=torch.float64)  # not float32 numbers: kept as they are
+    assert _narrowest(odd, (torch.float32,)).dtype == torch.float64
+
+
 def test_reload_dynamic(tmp_path):
     model = create_model("mlp-small", 4, 16)
     q = quantize_dynamic(model)
