@@ -245,7 +245,17 @@ def evaluate(
         run_dir = Path(model)
         from kdq.quant.serialize import MANIFEST, TENSORS, load_quantized
 
-        if (run_dir / MANIFEST).exists():  # an int8 run from `kdq quantize` / `kdq qat`
+        from kdq.quant.lowbit import pack as lowbit_pack
+
+        if (run_dir / lowbit_pack.MANIFEST).exists():  # a low-bit run from `kdq qat --bits`
+            bundle = _run_data(run_dir, data)
+            meta = read_json(run_dir / lowbit_pack.MANIFEST).get("meta", {})
+            _check_classes(meta, bundle, run_dir)
+            model = _renormalized(lowbit_pack.load_packed(run_dir), meta, bundle)
+            weights_path = run_dir / lowbit_pack.TENSORS
+            float_params = meta.get("float_params")
+            runtime = "pytorch-fakequant"
+        elif (run_dir / MANIFEST).exists():  # an int8 run from `kdq quantize` / `kdq qat`
             bundle = _run_data(run_dir, data)
             meta = read_json(run_dir / MANIFEST).get("meta", {})
             _check_classes(meta, bundle, run_dir)

@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     qt.add_argument("--freeze-bn-epoch", type=int, help="stop updating batch-norm statistics from this epoch")
     qt.add_argument("--freeze-observer-epoch", type=int, help="freeze quantization ranges from this epoch")
     qt.add_argument("--resume", action="store_true")
+    qt.add_argument("--bits", help="low-bit QAT instead of int8: a scheme such as w4a4, w2a2, w1a32 (a32: float activations)")
+    qt.add_argument("--quantizer", default="lsq",
+                    help="low-bit quantizer: lsq (default), uniform, dorefa, pact (with DoReFa weights), "
+                         "binary or ternary (with LSQ activations)")
+    qt.add_argument("--act-quantizer", help="low-bit activation quantizer, when it differs from --quantizer's")
+    qt.add_argument("--first-last-bits", type=int, default=8,
+                    help="bits of the first and last layers in low-bit QAT (default 8; 32 keeps them float)")
     _add_train_options(qt)
 
     ex = sub.add_parser("export", help="export a run directory's model for deployment")
@@ -158,7 +165,7 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_results(results: dict[str, Any]) -> None:
-    keys = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "runtime", "precision")
+    keys = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "runtime", "precision", "bits")
     print(json.dumps({k: results[k] for k in keys if k in results}, indent=2))
 
 
@@ -227,6 +234,17 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _cmd_qat(args: argparse.Namespace) -> None:
+    if args.bits:
+        from kdq.lowbit_api import lowbit_qat
+
+        results = lowbit_qat(args.run, args.out, bits=args.bits, quantizer=args.quantizer,
+                             act_quantizer=args.act_quantizer,
+                             first_last_bits=None if args.first_last_bits == 32 else args.first_last_bits,
+                             teacher=args.teacher, temperature=args.temperature, alpha=args.alpha,
+                             resume=args.resume, **_train_options(args))
+        _print_results(results)
+        print(f"wrote {args.out}/ (packed.safetensors, packed.json, results.json)", file=sys.stderr)
+        return
     from kdq.quantize_api import qat
 
     results = qat(args.run, args.out, teacher=args.teacher, temperature=args.temperature, alpha=args.alpha,
