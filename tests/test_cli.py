@@ -306,6 +306,26 @@ def test_lowbit_qat_with_teacher_then_evaluate(teacher_dir, tmp_path, capsys):
     assert code == 0, err
     assert json.loads(out)["accuracy"] == pytest.approx(results["accuracy"])
 
+    # one self-contained file, the manifest in its header; it rebuilds the same model
+    import torch
+
+    from kdq.quant.lowbit import load_packed
+
+    single = out_dir / "model.kdq.safetensors"
+    code, out, err = run(capsys, "export", str(out_dir), "--format", "packed", "--out", str(single))
+    assert code == 0, err
+    assert json.loads(out)["size_bytes"] < (out_dir / "packed.safetensors").stat().st_size + 8192
+    x = torch.randn(4, 1, 8, 8)  # digits images
+    assert torch.equal(load_packed(single)(x), load_packed(out_dir)(x))
+    from kdq.errors import KdqError
+
+    with pytest.raises(KdqError, match="not a packed low-bit kdq model"):
+        load_packed(teacher_dir / "model.safetensors")  # safetensors, but a float run's
+    code, _, err = run(capsys, "export", str(out_dir), "--out", str(tmp_path / "m.onnx"))
+    assert code == 2 and "--format packed" in err
+    code, _, err = run(capsys, "export", str(teacher_dir), "--format", "packed", "--out", str(tmp_path / "m.safetensors"))
+    assert code == 2 and "kdq qat --bits" in err
+
 
 @pytest.mark.parametrize("extra, words", [
     (["--bits", "w0a4"], "bits"),

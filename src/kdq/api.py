@@ -352,8 +352,9 @@ def export(
     calibrate_method: str = "minmax",
     activation_type: str = "uint8",
     data: str | DataBundle | None = None,
+    format: str = "onnx",  # noqa: A002 - the CLI flag's name
 ) -> dict[str, Any]:
-    """Export a run directory's model to ONNX.
+    """Export a run directory's model to ONNX, or a low-bit run to one packed safetensors file.
 
     A float run gives a float file, checked on the whole test set: ONNX Runtime must make the
     same prediction as PyTorch on at least 99.9% of it. With `int8`, that file is then quantized
@@ -367,6 +368,17 @@ def export(
     from kdq.quant.serialize import MANIFEST
 
     run_dir, out = Path(run), Path(out)
+    if format not in ("onnx", "packed"):
+        raise KdqError(f"format must be onnx or packed, got {format!r}")
+    from kdq.quant.lowbit import pack as lowbit_pack
+
+    if format == "packed":
+        if not (run_dir / lowbit_pack.MANIFEST).exists():
+            raise KdqError(f"{run_dir} is not a low-bit run; --format packed exports runs made by `kdq qat --bits`")
+        lowbit_pack.export_packed_file(run_dir, out)
+        return {"packed": str(out), "size_bytes": out.stat().st_size}
+    if (run_dir / lowbit_pack.MANIFEST).exists():
+        raise KdqError(f"{run_dir} is a low-bit run; export it with --format packed (ONNX has no low-bit kernels)")
     if (run_dir / MANIFEST).exists():
         return _export_int8_run(run_dir, out, data)
     model, meta = load_model(run_dir)

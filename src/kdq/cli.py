@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a run directory's model for deployment")
     ex.add_argument("run", help="run directory (float, or int8 from quantize/qat: exported with its own scales)")
-    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--format", choices=("onnx", "packed"), default="onnx",
+                    help="onnx, or packed: a low-bit run's weights at their real bit width in one safetensors file")
     ex.add_argument("--out", required=True, help="file to write, e.g. runs/kd/model.onnx")
     ex.add_argument("--int8", action="store_true",
                     help="int8 QDQ with per-channel weights: calibrated by ONNX Runtime for a float run, "
@@ -259,7 +260,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     info = api.export(args.run, args.out, int8=args.int8, calibration_batches=args.calibration_batches,
                       batch_size=args.calibration_batch_size, calibrate_method=args.calibrate_method,
-                      activation_type=args.activation_type)
+                      activation_type=args.activation_type, format=args.format)
     print(json.dumps(info, indent=2))
 
 

@@ -48,14 +48,25 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def save_weights(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
-    """Save tensors as safetensors (no pickle); shared storage is copied apart first."""
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Save tensors as safetensors (no pickle); shared storage is copied apart first.
+
+    `metadata` (strings only, a safetensors rule) goes into the file's header.
+    """
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors header (empty when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

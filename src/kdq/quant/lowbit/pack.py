@@ -13,6 +13,7 @@ at its dequantized codes, so the loaded model's eval outputs equal the original'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdq.errors import KdqError
-from kdq.io import load_weights, read_json, save_weights, write_json
+from kdq.io import load_weights, read_json, save_weights, weights_metadata, write_json
 from kdq.models import create_model
 from kdq.quant.lowbit.layers import lowbit_layers, rebuild_lowbit
 from kdq.quant.lowbit.quantizers import QuantCodes, check_bits
 
 TENSORS = "packed.safetensors"
+FILE_KEY = "kdq_packed"  # header key of the manifest in a single-file export
 MANIFEST = "packed.json"
 FORMAT = "kdq-lowbit"
 # Codes handled per step: a multiple of 8, so every step but the last fills whole bytes, and
@@ -116,19 +118,39 @@ def save_packed(model: nn.Module, path_dir: str | Path, meta: dict[str, Any] | N
     return out
 
 
+def export_packed_file(path_dir: str | Path, out: str | Path) -> Path:
+    """One self-contained file from a `save_packed` directory: the tensors, manifest in the header."""
+    manifest, tensors = _read(Path(path_dir))
+    return save_weights(out, tensors, metadata={FILE_KEY: json.dumps(manifest)})
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Manifest and tensors of a packed directory or of a single exported file."""
+    if path.is_file():
+        try:
+            manifest = json.loads(weights_metadata(path).get(FILE_KEY, "null"))
+        except Exception:  # noqa: BLE001 - safetensors and json raise many types for a bad file
+            manifest = None
+        where = path
+    else:
+        if not (path / MANIFEST).exists() or not (path / TENSORS).exists():
+            raise KdqError(f"{path} holds no packed low-bit model ({MANIFEST} and {TENSORS} expected)")
+        manifest, where = read_json(path / MANIFEST), path / MANIFEST
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KdqError(f"{where}: not a packed low-bit kdq model; export one with `kdq export RUN --format packed`")
+    return manifest, load_weights(path if path.is_file() else path / TENSORS)
+
+
 def load_packed(path_dir: str | Path) -> nn.Module:
-    """Rebuild a model saved by `save_packed`, in eval mode; nothing is unpickled.
+    """Rebuild a model saved by `save_packed` (a directory, or its single-file export), in eval mode.
+
+    Nothing is unpickled.
 
     Quantized weights are frozen at their stored values (`unfreeze_weight` on a layer resumes
     quantization-aware training from them); its eval outputs equal the saved model's.
     """
     path = Path(path_dir)
-    if not (path / MANIFEST).exists() or not (path / TENSORS).exists():
-        raise KdqError(f"{path} holds no packed low-bit model ({MANIFEST} and {TENSORS} expected)")
-    manifest = read_json(path / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise KdqError(f"{path / MANIFEST}: not a packed low-bit kdq model (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    tensors = load_weights(path / TENSORS)
+    manifest, tensors = _read(path)
     model = rebuild_lowbit(create_model(**manifest["spec"]), manifest["lowbit"])
     layers = lowbit_layers(model)
     state = {k: v for k, v in tensors.items() if "::" not in k}
