@@ -260,10 +260,33 @@ def test_run_experiment_with_int8_stages(tmp_path, capsys):
     assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(stages["kd-int8"]["accuracy"])
 
 
+def test_run_experiment_with_lowbit_stage(tmp_path, capsys):
+    exp = tmp_path / "lb.yaml"
+    exp.write_text(
+        "data: {name: digits, subset: 300}\n"
+        "train: {batch_size: 64, progress: false, epochs: 1}\n"
+        "stages:\n"
+        "  teacher: {model: cnn-small}\n"
+        "  w2a2: {kind: qat, source: teacher, teacher: teacher, bits: w2a2, quantizer: lsq, epochs: 1}\n"
+        "  w1: {kind: qat, source: teacher, bits: w1, quantizer: binary, epochs: 1}\n"
+    )
+    code, out, err = run(capsys, "run", str(exp), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert "| w2a2    | cnn-small w2a2 | pytorch-fakequant cpu" in out and "| w1      | cnn-small w1" in out
+    stages = json.loads((tmp_path / "o" / "summary.json").read_text())["stages"]
+    assert stages["w1"]["size_bytes"] < stages["w2a2"]["size_bytes"] < stages["teacher"]["size_bytes"]
+    code, out, err = run(capsys, "run", str(exp), "--out", str(tmp_path / "o"))  # finished stages are reused
+    assert code == 0 and "reusing finished stage w2a2" in err
+
+
 @pytest.mark.parametrize("stage, words", [
     ("{kind: quantize, source: nope}", "source must name an earlier train or distill stage"),
     ("{kind: quantize, source: a, method: fast}", "method must be one of static, dynamic"),
     ("{kind: quantize, source: a, freeze_bn_epoch: 1}", "does not apply to a quantize stage"),
+    ("{kind: qat, source: a, bits: w0a4}", "bits"),
+    ("{kind: qat, source: a, bits: w4a4, quantizer: lsqq}", "did you mean"),
+    ("{kind: qat, source: a, quantizer: lsq}", "needs bits"),
+    ("{kind: qat, source: a, bits: w4a4, backend: x86}", "int8 QAT option"),
 ])
 def test_bad_int8_stages(stage, words, tmp_path, capsys):
     path = tmp_path / "bad.yaml"

@@ -38,8 +38,11 @@ QUANT_CHOICES = {
 }
 QUANT_KEYS_BY_KIND = {
     "quantize": ("method", "calibration_batches", "backend", "observer", "per_channel", "skip"),
-    "qat": ("backend", "per_channel", "freeze_bn_epoch", "freeze_observer_epoch"),
+    "qat": ("backend", "per_channel", "freeze_bn_epoch", "freeze_observer_epoch",
+            "bits", "quantizer", "act_quantizer", "first_last_bits"),
 }
+LOWBIT_KEYS = ("bits", "quantizer", "act_quantizer", "first_last_bits")  # a qat stage with bits: low-bit
+INT8_QAT_KEYS = ("backend", "per_channel", "freeze_bn_epoch", "freeze_observer_epoch")
 QUANT_KEYS = ("source", *dict.fromkeys(QUANT_KEYS_BY_KIND["quantize"] + QUANT_KEYS_BY_KIND["qat"]))
 STAGE_KEYS = ("kind", "model", "model_args", "teacher", "temperature", "alpha", "teacher_mode") + TRAIN_KEYS + QUANT_KEYS
 
@@ -149,6 +152,25 @@ def parse_experiment(raw: dict[str, Any], default_name: str = "experiment") -> E
     return Experiment(str(raw.get("name", default_name)), data, stages, compare, raw.get("out"), raw)
 
 
+def _check_lowbit(where: str, quant: dict[str, Any]) -> None:
+    """A qat stage is int8 or low-bit: reject mixed keys, and a bad scheme before any training."""
+    lowbit = [k for k in LOWBIT_KEYS if k in quant]
+    if not lowbit:
+        return
+    if "bits" not in quant:
+        raise KdqError(f"{where}: {lowbit[0]!r} needs bits, e.g. bits: w4a4")
+    mixed = [k for k in INT8_QAT_KEYS if k in quant]
+    if mixed:
+        raise KdqError(f"{where}: {mixed[0]!r} is an int8 QAT option and does not apply with bits: {quant['bits']}")
+    from kdq.lowbit_api import lowbit_config
+
+    try:
+        lowbit_config(str(quant["bits"]), quant.get("quantizer", "lsq"), quant.get("act_quantizer"),
+                      quant.get("first_last_bits", 8))
+    except KdqError as exc:
+        raise KdqError(f"{where}: {exc}") from None
+
+
 def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: dict[str, Stage]) -> Stage:
     where = f"stage {name!r}"
     _check_keys(body, STAGE_KEYS, where)
@@ -169,6 +191,7 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
                 raise KdqError(f"{where}: {key!r} does not apply to a {kind} stage; it takes {', '.join(QUANT_KEYS_BY_KIND[kind])}")
         quant = {k: body[k] for k in QUANT_KEYS_BY_KIND[kind] if k in body}
         if kind == "qat":
+            _check_lowbit(where, quant)
             # fine-tuning keeps its own gentle defaults: only the stage's own training keys and
             # the run-control defaults (batch size, device, progress) carry over
             carried = {k: defaults[k] for k in ("batch_size", "device", "progress", "amp", "seed") if k in defaults}

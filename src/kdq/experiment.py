@@ -65,7 +65,7 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
     finished = read_results(stage_dir)
     if same and finished:
         print(f"   reusing finished stage {stage.name} (delete {stage_dir} to retrain)", file=sys.stderr)
-        return {**finished, "arch": stage.model + (" int8" if stage.kind in ("quantize", "qat") else "")}
+        return {**finished, "arch": _arch(stage)}
     write_json(stage_dir / STAGE_FILE, fingerprint)
     if stage.kind in ("quantize", "qat"):
         from kdq.quantize_api import qat, quantize
@@ -74,11 +74,18 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
         options = dict(stage.quant)
         if stage.kind == "quantize":
             results = quantize(source, stage_dir, data=bundle, **options)
+        elif "bits" in options:
+            from kdq.lowbit_api import lowbit_qat
+
+            train = options.pop("train", {})
+            results = lowbit_qat(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
+                                 resume=same, data=bundle, **options, **train)
+            return {**results, "arch": _arch(stage)}
         else:
             train = options.pop("train", {})
             results = qat(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
                           resume=same, data=bundle, **options, **train)
-        return {**results, "arch": f"{stage.model} int8"}
+        return {**results, "arch": _arch(stage)}
     common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
     if stage.kind == "train":
         run = api.train(stage.model, bundle, **common)
@@ -86,6 +93,12 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
         run = api.distill(stage.model, teacher, bundle, temperature=stage.temperature, alpha=stage.alpha,
                           teacher_mode=stage.teacher_mode, **common)
     return {**run.results, "arch": stage.model}
+
+
+def _arch(stage: Stage) -> str:
+    if stage.kind == "quantize" or (stage.kind == "qat" and "bits" not in stage.quant):
+        return f"{stage.model} int8"
+    return f"{stage.model} {stage.quant['bits']}" if stage.kind == "qat" else stage.model
 
 
 def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
