@@ -15,9 +15,10 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -243,26 +244,13 @@ def evaluate(
     runtime = "pytorch"
     if not isinstance(model, nn.Module):
         run_dir = Path(model)
-        from kdq.quant.serialize import MANIFEST, TENSORS, load_quantized
-
-        from kdq.quant.lowbit import pack as lowbit_pack
-
-        if (run_dir / lowbit_pack.MANIFEST).exists():  # a low-bit run from `kdq qat --bits`
-            bundle = _run_data(run_dir, data)
-            meta = read_json(run_dir / lowbit_pack.MANIFEST).get("meta", {})
-            _check_classes(meta, bundle, run_dir)
-            model = _renormalized(lowbit_pack.load_packed(run_dir), meta, bundle)
-            weights_path = run_dir / lowbit_pack.TENSORS
+        saved = _quantized_format(run_dir)
+        if saved is not None:  # an int8 or low-bit run: scored in its float model's input units
+            qmodel, meta, bundle = _load_quantized_run(run_dir, saved, data)
+            model = _renormalized(qmodel, meta, bundle)
+            weights_path = run_dir / saved.tensors
             float_params = meta.get("float_params")
-            runtime = "pytorch-fakequant"
-        elif (run_dir / MANIFEST).exists():  # an int8 run from `kdq quantize` / `kdq qat`
-            bundle = _run_data(run_dir, data)
-            meta = read_json(run_dir / MANIFEST).get("meta", {})
-            _check_classes(meta, bundle, run_dir)
-            model = _renormalized(load_quantized(run_dir), meta, bundle)
-            weights_path = run_dir / TENSORS
-            float_params = meta.get("float_params")
-            runtime = "pytorch-int8"
+            runtime = saved.runtime
         else:
             read_model_meta(run_dir)  # a missing or unfinished run fails here, by name
             bundle = _run_data(run_dir, data)
@@ -311,6 +299,36 @@ def _size_on_disk(model: nn.Module, weights_path: Path | None) -> int:
         return weights_path.stat().st_size
     with tempfile.TemporaryDirectory() as tmp:
         return save_weights(Path(tmp) / WEIGHTS, model.state_dict()).stat().st_size
+
+
+class _QuantizedFormat(NamedTuple):
+    kind: str  # "int8" (kdq quantize / qat) or "lowbit" (kdq qat --bits)
+    manifest: str
+    tensors: str
+    load: Callable[[Path], nn.Module]
+    runtime: str
+
+
+def _quantized_format(run_dir: Path) -> _QuantizedFormat | None:
+    """How the quantized model in `run_dir` is stored, or None for a float run."""
+    from kdq.quant import serialize
+    from kdq.quant.lowbit import pack
+
+    for fmt in (_QuantizedFormat("int8", serialize.MANIFEST, serialize.TENSORS, serialize.load_quantized, "pytorch-int8"),
+                _QuantizedFormat("lowbit", pack.MANIFEST, pack.TENSORS, pack.load_packed, "pytorch-fakequant")):
+        if (run_dir / fmt.manifest).exists():
+            return fmt
+    return None
+
+
+def _load_quantized_run(
+    run_dir: Path, fmt: _QuantizedFormat, data: str | DataBundle | None
+) -> tuple[nn.Module, dict[str, Any], DataBundle]:
+    """The quantized model, its float model's metadata, and the data, checked to have its classes."""
+    meta = read_json(run_dir / fmt.manifest).get("meta", {})
+    bundle = _run_data(run_dir, data)
+    _check_classes(meta, bundle, run_dir)
+    return fmt.load(run_dir), meta, bundle
 
 
 def _run_data(run_dir: Path, data: str | DataBundle | None) -> DataBundle:
@@ -365,22 +383,23 @@ def export(
     """
     from kdq.deploy import OrtModel, check_agreement, export_onnx, quantize_onnx_static
     from kdq.deploy.onnx_export import MIN_FLOAT_AGREEMENT
-    from kdq.quant.serialize import MANIFEST
 
     run_dir, out = Path(run), Path(out)
     if format not in ("onnx", "packed"):
         raise KdqError(f"format must be onnx or packed, got {format!r}")
-    from kdq.quant.lowbit import pack as lowbit_pack
-
+    saved = _quantized_format(run_dir)
+    kind = saved.kind if saved is not None else "float"
     if format == "packed":
-        if not (run_dir / lowbit_pack.MANIFEST).exists():
+        if kind != "lowbit":
             raise KdqError(f"{run_dir} is not a low-bit run; --format packed exports runs made by `kdq qat --bits`")
-        lowbit_pack.export_packed_file(run_dir, out)
+        from kdq.quant.lowbit.pack import export_packed_file
+
+        export_packed_file(run_dir, out)
         return {"packed": str(out), "size_bytes": out.stat().st_size}
-    if (run_dir / lowbit_pack.MANIFEST).exists():
+    if kind == "lowbit":
         raise KdqError(f"{run_dir} is a low-bit run; export it with --format packed (ONNX has no low-bit kernels)")
-    if (run_dir / MANIFEST).exists():
-        return _export_int8_run(run_dir, out, data)
+    if kind == "int8":
+        return _export_int8_run(run_dir, saved, out, data)
     model, meta = load_model(run_dir)
     bundle = _run_data(run_dir, data)
     test_x = renormalize(bundle.test.x, bundle, meta)
@@ -411,14 +430,10 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1).cpu() == y.cpu()).float().mean().item()
 
 
-def _export_int8_run(run_dir: Path, out: Path, data: str | DataBundle | None) -> dict[str, Any]:
+def _export_int8_run(run_dir: Path, fmt: _QuantizedFormat, out: Path, data: str | DataBundle | None) -> dict[str, Any]:
     from kdq.deploy import OrtModel, export_onnx
-    from kdq.quant.serialize import MANIFEST, load_quantized
 
-    qmodel = load_quantized(run_dir)
-    meta = read_json(run_dir / MANIFEST).get("meta", {})
-    bundle = _run_data(run_dir, data)
-    _check_classes(meta, bundle, run_dir)
+    qmodel, meta, bundle = _load_quantized_run(run_dir, fmt, data)
     test_x = renormalize(bundle.test.x, bundle, meta).cpu()  # PyTorch int8 kernels are CPU kernels
     export_onnx(qmodel, test_x[:2], out, meta=meta)
     torch_logits, ort_logits = predict(qmodel, test_x), OrtModel(out).predict(test_x)

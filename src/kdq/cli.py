@@ -235,24 +235,23 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _cmd_qat(args: argparse.Namespace) -> None:
+    common = dict(teacher=args.teacher, temperature=args.temperature, alpha=args.alpha, resume=args.resume,
+                  **_train_options(args))
     if args.bits:
         from kdq.lowbit_api import lowbit_qat
 
         results = lowbit_qat(args.run, args.out, bits=args.bits, quantizer=args.quantizer,
                              act_quantizer=args.act_quantizer,
-                             first_last_bits=None if args.first_last_bits == 32 else args.first_last_bits,
-                             teacher=args.teacher, temperature=args.temperature, alpha=args.alpha,
-                             resume=args.resume, **_train_options(args))
-        _print_results(results)
-        print(f"wrote {args.out}/ (packed.safetensors, packed.json, results.json)", file=sys.stderr)
-        return
-    from kdq.quantize_api import qat
+                             first_last_bits=None if args.first_last_bits == 32 else args.first_last_bits, **common)
+        written = "packed.safetensors, packed.json"
+    else:
+        from kdq.quantize_api import qat
 
-    results = qat(args.run, args.out, teacher=args.teacher, temperature=args.temperature, alpha=args.alpha,
-                  backend=args.backend, per_channel=args.per_channel, freeze_bn_epoch=args.freeze_bn_epoch,
-                  freeze_observer_epoch=args.freeze_observer_epoch, resume=args.resume, **_train_options(args))
+        results = qat(args.run, args.out, backend=args.backend, per_channel=args.per_channel,
+                      freeze_bn_epoch=args.freeze_bn_epoch, freeze_observer_epoch=args.freeze_observer_epoch, **common)
+        written = "quantized.safetensors, quantized.json"
     _print_results(results)
-    print(f"wrote {args.out}/ (quantized.safetensors, quantized.json, results.json)", file=sys.stderr)
+    print(f"wrote {args.out}/ ({written}, results.json)", file=sys.stderr)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

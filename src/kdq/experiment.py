@@ -68,23 +68,18 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
         return {**finished, "arch": _arch(stage)}
     write_json(stage_dir / STAGE_FILE, fingerprint)
     if stage.kind in ("quantize", "qat"):
+        from kdq.lowbit_api import lowbit_qat
         from kdq.quantize_api import qat, quantize
 
         source = root / stage.source
         options = dict(stage.quant)
         if stage.kind == "quantize":
             results = quantize(source, stage_dir, data=bundle, **options)
-        elif "bits" in options:
-            from kdq.lowbit_api import lowbit_qat
-
-            train = options.pop("train", {})
-            results = lowbit_qat(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
-                                 resume=same, data=bundle, **options, **train)
-            return {**results, "arch": _arch(stage)}
         else:
             train = options.pop("train", {})
-            results = qat(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
-                          resume=same, data=bundle, **options, **train)
+            fine_tune = lowbit_qat if "bits" in options else qat  # a qat stage with bits is low-bit
+            results = fine_tune(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
+                                resume=same, data=bundle, **options, **train)
         return {**results, "arch": _arch(stage)}
     common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
     if stage.kind == "train":
@@ -92,13 +87,16 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
     else:
         run = api.distill(stage.model, teacher, bundle, temperature=stage.temperature, alpha=stage.alpha,
                           teacher_mode=stage.teacher_mode, **common)
-    return {**run.results, "arch": stage.model}
+    return {**run.results, "arch": _arch(stage)}
 
 
 def _arch(stage: Stage) -> str:
-    if stage.kind == "quantize" or (stage.kind == "qat" and "bits" not in stage.quant):
+    """The table's architecture cell: the model, with its precision when quantized."""
+    if stage.kind == "quantize":
         return f"{stage.model} int8"
-    return f"{stage.model} {stage.quant['bits']}" if stage.kind == "qat" else stage.model
+    if stage.kind == "qat":
+        return f"{stage.model} {stage.quant.get('bits', 'int8')}"
+    return stage.model
 
 
 def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, Any]:

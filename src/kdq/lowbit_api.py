@@ -18,10 +18,8 @@ from kdq.api import _renormalized, _run_data, evaluate, load_teacher
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, fit
-from kdq.errors import KdqError, suggest
-from kdq.quant.lowbit import QUANTIZERS, LowBitConfig, load_packed, quantize_lowbit, save_packed
-from kdq.quant.lowbit.pack import MANIFEST, TENSORS
-from kdq.io import read_json
+from kdq.quant.lowbit import LowBitConfig, quantize_lowbit, save_packed
+from kdq.quant.lowbit.pack import TENSORS
 from kdq.quantize_api import _data_record, _spec
 from kdq.rundir import load_model, write_config, write_results
 
@@ -34,9 +32,7 @@ PARTNER = {"pact": ("dorefa", "pact"), "binary": ("binary", "lsq"), "ternary": (
 def lowbit_config(bits: str, quantizer: str = "lsq", act_quantizer: str | None = None,
                   first_last_bits: int | None = 8) -> LowBitConfig:
     """The LowBitConfig for a scheme such as "w4a4" and one quantizer name (see PARTNER)."""
-    names = QUANTIZERS.names()
-    if quantizer not in names:
-        raise KdqError(f"unknown quantizer {quantizer!r}{suggest(quantizer, names)}; choose from {', '.join(names)}")
+    # an unknown name passes through PARTNER unchanged and is refused, with suggestions, by LowBitConfig
     weight_q, act_q = PARTNER.get(quantizer, (quantizer, quantizer))
     return LowBitConfig.parse(bits, weight_quantizer=weight_q, act_quantizer=act_quantizer or act_q,
                               first_last_bits=first_last_bits)
@@ -63,7 +59,7 @@ def lowbit_qat(
     # fine-tuning from float weights: short, with a moderate learning rate and no warm-up
     cfg = TrainConfig.from_dict({"epochs": 3, "lr": 0.01, "warmup_epochs": 0.0, **options})
     model, meta = load_model(run)
-    spec = _spec(model, run)
+    _spec(model, run)  # a zoo model: load_packed rebuilds it from its kdq_spec, which quantize_lowbit keeps
     data = _run_data(run, data)
     qmodel = quantize_lowbit(model, config)
     objective = None
@@ -75,7 +71,6 @@ def lowbit_qat(
     write_config(out, record)
     start = time.perf_counter()
     result = fit(qmodel, data, cfg, out, objective=objective, resume=resume)
-    qmodel.kdq_spec = spec
     save_packed(qmodel.cpu(), out, meta={**meta, "float_params": count_params(model)})
     results = evaluate(_renormalized(qmodel, meta, data), data, out=out, weights=out / TENSORS)
     results.update(runtime="pytorch-fakequant", bits=bits, quantizer=config.to_dict(), params=count_params(model),
@@ -84,11 +79,3 @@ def lowbit_qat(
     write_results(out, results)
     return results
 
-
-def is_lowbit_run(run: str | Path) -> bool:
-    return (Path(run) / MANIFEST).exists()
-
-
-def load_lowbit_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The packed low-bit model of a run directory (eval mode) and its float model's metadata."""
-    return load_packed(run), read_json(Path(run) / MANIFEST).get("meta", {})

@@ -20,18 +20,16 @@ from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, fit
 from kdq.errors import KdqError
-from kdq.io import read_json
 from kdq.quant import (
     apply_qat_freeze,
     convert_qat,
-    load_quantized,
     prepare_qat,
     qat_freeze_callback,
     quantize_dynamic,
     quantize_static,
     save_quantized,
 )
-from kdq.quant.serialize import MANIFEST, TENSORS
+from kdq.quant.serialize import TENSORS
 from kdq.rundir import load_model, write_config, write_results
 
 METHODS = ("static", "dynamic")
@@ -137,11 +135,3 @@ def qat(
     write_results(out, results)
     return results
 
-
-def is_int8_run(run: str | Path) -> bool:
-    return (Path(run) / MANIFEST).exists()
-
-
-def load_int8_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The int8 model of a quantize/qat run directory, and its float model's metadata."""
-    return load_quantized(run), read_json(Path(run) / MANIFEST).get("meta", {})
