@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from kdq.cli import main
 
@@ -209,7 +210,6 @@ def test_quantize_static_dynamic_and_qat_with_teacher(teacher_dir, tmp_path, cap
     assert code == 0, err
     assert json.loads(out)["runtime"] == "pytorch-int8"
     assert {"train_kd", "train_ce"} <= json.loads((tmp_path / "qat" / "metrics.jsonl").read_text().splitlines()[0]).keys()
-    import yaml
 
     # fake quantization breaks under CUDA fp16 autocast, so QAT always records and runs fp32
     assert yaml.safe_load((tmp_path / "qat" / "config.yaml").read_text())["train"]["amp"] is False
@@ -251,7 +251,6 @@ def test_run_experiment_with_int8_stages(tmp_path, capsys):
     assert "| kd-int8 | cnn-tiny int8 | pytorch-int8 cpu" in out and "| kd-qat  | cnn-tiny int8 | pytorch-int8 cpu" in out
     stages = json.loads((tmp_path / "o" / "summary.json").read_text())["stages"]
     assert stages["kd-int8"]["size_bytes"] < stages["kd"]["size_bytes"]
-    import yaml
 
     # every stage records the data options, so later commands reload the very same data
     for stage in ("kd", "kd-int8", "kd-qat"):
@@ -279,7 +278,42 @@ def test_run_experiment_with_lowbit_stage(tmp_path, capsys):
     assert code == 0 and "reusing finished stage w2a2" in err
 
 
+@pytest.mark.slow
+def test_run_experiment_with_recipe_stages_writes_the_sweep_report(tmp_path, capsys):
+    exp = tmp_path / "sweep.yaml"
+    exp.write_text(
+        "data: {name: digits, subset: 300}\n"
+        "train: {batch_size: 64, progress: false, epochs: 1}\n"
+        "stages:\n"
+        "  float: {model: cnn-small}\n"
+        "  alone: {kind: recipe, recipe: individual, source: float, bits: [w8a8, w2a2], seeds: [0, 1]}\n"
+        "  chain: {kind: recipe, recipe: takd-chain, source: float, bits: [w8a8, w2a2], seeds: [0, 1]}\n"
+        "  speq: {kind: recipe, recipe: speq, source: float, bits: w2a2, teacher_bits: [2, 8]}\n"
+    )
+    code, out, err = run(capsys, "run", str(exp), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    root = tmp_path / "o"
+    assert "| chain/w2a2 seed1 | cnn-small w2a2 | pytorch-fakequant cpu" in out and "| speq/w2a2 " in out
+    report = (root / "sweep.md").read_text()
+    assert "| chain  | w2a2 | 2 " in report and "±" in report and "k/32" in report
+    assert (root / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (root / "chain" / "seed1" / "w2a2" / "packed.safetensors").exists()
+    assert yaml.safe_load((root / "chain" / "seed0" / "w2a2" / "config.yaml").read_text())["teacher"] == str(root / "chain" / "seed0" / "w8a8")
+    before = (root / "alone" / "seed1" / "w2a2" / "results.json").stat().st_mtime_ns
+    code, out, err = run(capsys, "run", str(exp), "--out", str(root))  # unchanged stages keep their runs
+    assert code == 0 and (root / "alone" / "seed1" / "w2a2" / "results.json").stat().st_mtime_ns == before
+
+
 @pytest.mark.parametrize("stage, words", [
+    ("{kind: recipe, source: a, bits: w4a4}", "needs a recipe"),
+    ("{kind: recipe, recipe: chain, source: a, bits: w4a4}", "did you mean takd-chain"),
+    ("{kind: recipe, recipe: individual, source: a, bits: w4a4, temperature: 2}", "does not take 'temperature'"),
+    ("{kind: recipe, recipe: qkd, source: a, bits: w4a4, phases: {tutor: {}}}", "did you mean tutoring"),
+    ("{kind: recipe, recipe: speq, source: a, bits: w4}", "activation bits"),
+    ("{kind: recipe, recipe: apprentice, source: a, bits: [w4a4, w33a4]}", "bits"),
+    ("{kind: recipe, recipe: apprentice, source: a, bits: w4a4, seeds: 2}", "seeds must be a list"),
+    ("{kind: recipe, recipe: apprentice, source: a, bits: w4a4, method: static}", "does not apply to a recipe stage"),
+    ("{kind: qat, source: a, bits: w4a4, seeds: [0]}", "belongs to recipe stages"),
     ("{kind: quantize, source: nope}", "source must name an earlier train or distill stage"),
     ("{kind: quantize, source: a, method: fast}", "method must be one of static, dynamic"),
     ("{kind: quantize, source: a, freeze_bn_epoch: 1}", "does not apply to a quantize stage"),

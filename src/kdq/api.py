@@ -88,7 +88,7 @@ def build_model(model: str | nn.Module, data: DataBundle, **kwargs: Any) -> nn.M
 
 
 def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module:
-    """A teacher from a run directory or a module, checked against the data's classes."""
+    """A teacher from a run directory (float, int8 or low-bit) or a module, checked against the data's classes."""
     if isinstance(teacher, nn.Module):
         out = predict(teacher, data.val.x[:2])
         if out.shape[1] != data.num_classes:
@@ -97,7 +97,11 @@ def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module
                 "use a teacher trained on this data set"
             )
         return teacher
-    model, meta = load_model(teacher)
+    fmt = _quantized_format(Path(teacher))
+    if fmt is not None:  # an int8 or low-bit run teaches as it deploys (the chain's assistants)
+        model, meta, _ = _load_quantized_run(Path(teacher), fmt, data)
+    else:
+        model, meta = load_model(teacher)
     _check_classes(meta, data, teacher)
     return _renormalized(model, meta, data)
 

@@ -28,7 +28,7 @@ from kdq.errors import KdqError, suggest
 
 TOP_LEVEL = ("name", "out", "data", "train", "stages", "compare")
 DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download")
-STAGE_KINDS = ("train", "distill", "quantize", "qat")
+STAGE_KINDS = ("train", "distill", "quantize", "qat", "recipe")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
 # int8 stages start from an earlier stage's float model (`source`)
 QUANT_CHOICES = {
@@ -44,7 +44,10 @@ QUANT_KEYS_BY_KIND = {
 LOWBIT_KEYS = ("bits", "quantizer", "act_quantizer", "first_last_bits")  # a qat stage with bits: low-bit
 INT8_QAT_KEYS = ("backend", "per_channel", "freeze_bn_epoch", "freeze_observer_epoch")
 QUANT_KEYS = ("source", *dict.fromkeys(QUANT_KEYS_BY_KIND["quantize"] + QUANT_KEYS_BY_KIND["qat"]))
-STAGE_KEYS = ("kind", "model", "model_args", "teacher", "temperature", "alpha", "teacher_mode") + TRAIN_KEYS + QUANT_KEYS
+# a recipe stage runs kdq.recipes on an earlier float stage: one low-bit run per scheme and seed
+RECIPE_KEYS = ("recipe", "seeds", "phases", "teacher_bits", "cosine_weight")
+RECIPE_OPTIONS = ("teacher", "temperature", "alpha", *LOWBIT_KEYS, *RECIPE_KEYS[2:])
+STAGE_KEYS = ("kind", "model", "model_args", "teacher", "temperature", "alpha", "teacher_mode") + TRAIN_KEYS + QUANT_KEYS + RECIPE_KEYS
 
 
 @dataclass
@@ -177,11 +180,13 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
     kind = body.get("kind", "distill" if "teacher" in body else "train")
     if kind not in STAGE_KINDS:
         raise KdqError(f"{where}: kind must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+    if kind == "recipe":
+        return _parse_recipe(name, body, defaults, earlier)
+    for key in RECIPE_KEYS:
+        if key in body:
+            raise KdqError(f"{where}: {key!r} belongs to recipe stages (kind: recipe)")
     if kind in ("quantize", "qat"):
-        source = body.get("source")
-        if source not in earlier or earlier[source].kind not in ("train", "distill"):
-            floats = [n for n, s in earlier.items() if s.kind in ("train", "distill")]
-            raise KdqError(f"{where}: source must name an earlier train or distill stage{suggest(str(source), floats)}")
+        source = _float_source(where, body, earlier)
         for key, choices in QUANT_CHOICES.items():
             if key in body and body[key] not in choices:
                 raise KdqError(f"{where}: {key} must be one of {', '.join(choices)}, got {body[key]!r}")
@@ -209,15 +214,7 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
     if kind in ("quantize", "qat"):
         stage.source, stage.quant = str(body["source"]), quant
     if kind == "distill" or (kind == "qat" and "teacher" in body):
-        teacher = body.get("teacher")
-        if teacher is None:
-            raise KdqError(f"{where} distills but names no teacher; add teacher: <earlier stage or run directory>")
-        if teacher not in earlier and not Path(str(teacher)).exists():
-            raise KdqError(
-                f"{where}: teacher {teacher!r} is neither an earlier stage nor a run directory"
-                f"{suggest(str(teacher), earlier)}"
-            )
-        stage.teacher = str(teacher)
+        stage.teacher = _teacher(where, body.get("teacher"), earlier)
         stage.temperature = body.get("temperature", 4.0)
         stage.alpha = body.get("alpha", 0.7)
         stage.teacher_mode = body.get("teacher_mode", "online")
@@ -227,4 +224,55 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
             raise KdqError(f"{where}: {exc}") from None
         if stage.teacher_mode not in TEACHER_MODES:
             raise KdqError(f"{where}: teacher_mode must be one of {', '.join(TEACHER_MODES)}")
+    return stage
+
+
+def _float_source(where: str, body: dict[str, Any], earlier: dict[str, Stage]) -> str:
+    """The earlier train or distill stage a quantize, qat or recipe stage starts from."""
+    source = body.get("source")
+    if source not in earlier or earlier[source].kind not in ("train", "distill"):
+        floats = [n for n, s in earlier.items() if s.kind in ("train", "distill")]
+        raise KdqError(f"{where}: source must name an earlier train or distill stage{suggest(str(source), floats)}")
+    return str(source)
+
+
+def _teacher(where: str, teacher: Any, earlier: dict[str, Stage]) -> str:
+    if teacher is None:
+        raise KdqError(f"{where} distills but names no teacher; add teacher: <earlier stage or run directory>")
+    if teacher not in earlier and not Path(str(teacher)).exists():
+        raise KdqError(
+            f"{where}: teacher {teacher!r} is neither an earlier stage nor a run directory"
+            f"{suggest(str(teacher), earlier)}"
+        )
+    return str(teacher)
+
+
+def _parse_recipe(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: dict[str, Stage]) -> Stage:
+    """A recipe stage: `recipe` run on `source` at `bits` for each of `seeds`, checked before any work."""
+    from kdq.recipes import RECIPES, check_recipe
+
+    where = f"stage {name!r}"
+    source = _float_source(where, body, earlier)
+    if "recipe" not in body:
+        raise KdqError(f"{where} needs a recipe: one of {', '.join(RECIPES.names())}")
+    not_here = [k for k in body if k not in ("kind", "source", "recipe", "seeds", *RECIPE_OPTIONS, *TRAIN_KEYS)]
+    if not_here:
+        raise KdqError(f"{where}: {not_here[0]!r} does not apply to a recipe stage")
+    seeds = body.get("seeds", [defaults.get("seed", 0)])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise KdqError(f"{where}: seeds must be a list of integers, e.g. seeds: [0, 1]")
+    options = {k: body[k] for k in RECIPE_OPTIONS if k in body}
+    if "teacher" in options:
+        options["teacher"] = _teacher(where, options["teacher"], earlier)
+    # like qat stages: the stage's own training keys and the run-control defaults carry over
+    carried = {k: defaults[k] for k in ("batch_size", "device", "progress", "amp") if k in defaults}
+    options.update(carried, **{k: v for k, v in body.items() if k in TRAIN_KEYS and k != "seed"})
+    try:
+        check_recipe(str(body["recipe"]), options)
+    except KdqError as exc:
+        raise KdqError(f"{where}: {exc}") from None
+    model = earlier[source].model
+    stage = Stage(name, "recipe", model, TrainConfig.from_dict({}), source=source,
+                  quant={"recipe": str(body["recipe"]), "seeds": seeds, **options})
+    stage.teacher = options.get("teacher")
     return stage

@@ -36,31 +36,80 @@ def run_experiment(exp: Experiment, out: str | Path | None = None) -> dict[str, 
     root = Path(out or exp.out or Path("runs") / exp.name)
     bundle, data_record = api.resolve_data(exp.data["name"], **{k: v for k, v in exp.data.items() if k != "name"})
     results: dict[str, dict[str, Any]] = {}
+    sweep_rows: list[dict[str, Any]] = []
     for stage in exp.stages:
         stage_dir = root / stage.name
         print(f"== {exp.name}: stage {stage.name} ({stage.kind} {stage.model}) -> {stage_dir}", file=sys.stderr)
-        results[stage.name] = _run_stage(stage, bundle, data_record, stage_dir, root, results)
+        if stage.kind == "recipe":
+            # lines of the report are rows by stage: two stages may run one recipe differently
+            rows = [{**r, "recipe": stage.name} for r in _run_recipe(stage, bundle, data_record, stage_dir, root, results)]
+            sweep_rows += rows
+            several = len(stage.quant["seeds"]) > 1
+            for row in rows:
+                key = f"{stage.name}/{row['bits']}" + (f" seed{row['seed']}" if several else "")
+                results[key] = {**read_results(row["run"]), "arch": f"{stage.model} {row['bits']}"}
+        else:
+            results[stage.name] = _run_stage(stage, bundle, data_record, stage_dir, root, results)
     summary = summarize(exp, results)
+    text = summary["table"] + "\n\n" + "\n".join(summary["notes"]) + "\n"
+    if sweep_rows:
+        summary["sweep"] = _sweep_report(exp, sweep_rows, results, root)
+        text += "\n" + summary["sweep"] + "\n"
     write_json(root / "summary.json", summary)
-    write_text(root / "summary.md", summary["table"] + "\n\n" + "\n".join(summary["notes"]) + "\n")
-    print(summary["table"])
-    for note in summary["notes"]:
-        print(note)
+    write_text(root / "summary.md", text)
+    print(text, end="")
     return summary
+
+
+def _fingerprint(stage: Stage, data_record: dict[str, Any], teacher: str | None) -> dict[str, Any]:
+    """What a stage's results depend on; equal fingerprints mean the finished run can be reused."""
+    return {
+        "kind": stage.kind, "model": stage.model, "model_args": stage.model_args, "train": stage.train.to_dict(),
+        "data": data_record, "teacher": teacher, "temperature": stage.temperature, "alpha": stage.alpha,
+        "teacher_mode": stage.teacher_mode, "source": stage.source, "quant": stage.quant,
+    }
+
+
+def _resolve_teacher(stage: Stage, root: Path, earlier: dict[str, Any]) -> str | None:
+    if stage.teacher is None:
+        return None
+    return str(root / stage.teacher) if stage.teacher in earlier else stage.teacher
+
+
+def _run_recipe(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Path, root: Path,
+                earlier: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: ANN001
+    """A recipe stage: its finished (scheme, seed) runs are kept when the stage is unchanged."""
+    from kdq.recipes import sweep
+
+    teacher = _resolve_teacher(stage, root, earlier)
+    fingerprint = _fingerprint(stage, data_record, teacher)
+    same = read_json(stage_dir / STAGE_FILE) == fingerprint if (stage_dir / STAGE_FILE).exists() else False
+    write_json(stage_dir / STAGE_FILE, fingerprint)
+    options = {k: v for k, v in stage.quant.items() if k not in ("recipe", "seeds")}
+    if teacher is not None:
+        options["teacher"] = teacher
+    return sweep(stage.quant["recipe"], root / stage.source, stage_dir, seeds=stage.quant["seeds"],
+                 data=bundle, resume=same, **options)
+
+
+def _sweep_report(exp: Experiment, rows: list[dict[str, Any]], results: dict[str, Any], root: Path) -> str:
+    """sweep.md and sweep.png: accuracy against bit width per recipe, and size per width."""
+    from kdq.report.sweep import plot_sweep, size_table, sweep_table
+
+    recipe_stage = next(s for s in exp.stages if s.kind == "recipe")
+    reference = results.get(recipe_stage.source, {}).get("accuracy")
+    plot_sweep(rows, root / "sweep.png", reference=reference, title=f"{exp.name}: accuracy against bit width")
+    text = "## Low-bit sweep\n\n" + (f"Float model (stage {recipe_stage.source}): {reference:.4f}.\n\n" if reference is not None else "")
+    text += sweep_table(rows, reference) + "\n\n" + size_table(rows) + "\n\nplot: sweep.png\n"
+    write_text(root / "sweep.md", text)
+    return text
 
 
 def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Path, root: Path,
                earlier: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
-    teacher = None
-    if stage.teacher is not None:
-        teacher = str(root / stage.teacher) if stage.teacher in earlier else stage.teacher
+    teacher = _resolve_teacher(stage, root, earlier)
     options = stage.train.to_dict()
-    # What the stage's results depend on; equal fingerprints mean the finished run can be reused.
-    fingerprint = {
-        "kind": stage.kind, "model": stage.model, "model_args": stage.model_args, "train": options,
-        "data": data_record, "teacher": teacher, "temperature": stage.temperature, "alpha": stage.alpha,
-        "teacher_mode": stage.teacher_mode, "source": stage.source, "quant": stage.quant,
-    }
+    fingerprint = _fingerprint(stage, data_record, teacher)
     same = read_json(stage_dir / STAGE_FILE) == fingerprint if (stage_dir / STAGE_FILE).exists() else False
     finished = read_results(stage_dir)
     if same and finished:

@@ -18,8 +18,12 @@ from kdq.api import _renormalized, _run_data, evaluate, load_teacher
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, fit
+from kdq.engine.train import BEST
+from kdq.errors import KdqError
+from kdq.io import load_weights, read_json
+from kdq.models import create_model
 from kdq.quant.lowbit import LowBitConfig, quantize_lowbit, save_packed
-from kdq.quant.lowbit.pack import TENSORS
+from kdq.quant.lowbit.pack import MANIFEST, TENSORS
 from kdq.quantize_api import _data_record, _spec
 from kdq.rundir import load_model, write_config, write_results
 
@@ -53,29 +57,77 @@ def lowbit_qat(
     data: str | DataBundle | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Fine-tune a run's float model at `bits` (e.g. "w4a4") with fake quantization; save it packed."""
-    run, out = Path(run), Path(out)
+    """Fine-tune a run's model at `bits` (e.g. "w4a4") with fake quantization; save it packed.
+
+    `run` is a float run, or a low-bit run whose latent float weights start this one (how
+    the teacher-assistant chain passes each precision on to the next).
+    """
+    run = Path(run)
     config = lowbit_config(bits, quantizer, act_quantizer, first_last_bits)
-    # fine-tuning from float weights: short, with a moderate learning rate and no warm-up
-    cfg = TrainConfig.from_dict({"epochs": 3, "lr": 0.01, "warmup_epochs": 0.0, **options})
-    model, meta = load_model(run)
-    _spec(model, run)  # a zoo model: load_packed rebuilds it from its kdq_spec, which quantize_lowbit keeps
-    data = _run_data(run, data)
-    qmodel = quantize_lowbit(model, config)
+    cfg = fine_tune_config(options)
+    model, meta, data = lowbit_source(run, data)
     objective = None
     if teacher is not None:
         objective = Distiller(load_teacher(teacher, data), KDLoss(temperature, alpha), "online", cfg.eval_batch_size)
     record = {"command": "qat-lowbit", "source": str(run), "bits": bits, "lowbit": config.to_dict(),
-              "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha,
-              "train": cfg.to_dict(), "data": _data_record(data)}
-    write_config(out, record)
+              "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha}
+    return train_lowbit(quantize_lowbit(model, config), out, data, meta, cfg, record,
+                        objective=objective, resume=resume, float_params=count_params(model))
+
+
+def fine_tune_config(options: dict[str, Any]) -> TrainConfig:
+    """Training options for fine-tuning float weights: short, moderate lr, no warm-up."""
+    return TrainConfig.from_dict({"epochs": 3, "lr": 0.01, "warmup_epochs": 0.0, **options})
+
+
+def lowbit_source(run: str | Path, data: str | DataBundle | None) -> tuple[nn.Module, dict[str, Any], DataBundle]:
+    """The float model a low-bit run starts from, its metadata and its data.
+
+    A float run gives its model. A low-bit run gives its architecture with the latent float
+    weights its training kept (best.safetensors), quantizer state left out.
+    """
+    run = Path(run)
+    if not (run / MANIFEST).exists():
+        model, meta = load_model(run)
+        _spec(model, run)  # a zoo model: load_packed rebuilds it from its kdq_spec, which quantize_lowbit keeps
+        return model, meta, _run_data(run, data)
+    if not (run / BEST).exists():
+        raise KdqError(f"{run} holds a packed low-bit model without its latent weights ({BEST}); "
+                       "start from the float run it was made from, or rerun that stage")
+    manifest = read_json(run / MANIFEST)
+    model = create_model(**manifest["spec"])
+    floats = model.state_dict()
+    state = {k: v for k, v in load_weights(run / BEST).items() if k in floats}
+    model.load_state_dict(state)
+    return model, manifest.get("meta", {}), _run_data(run, data)
+
+
+def train_lowbit(
+    qmodel: nn.Module,
+    out: str | Path,
+    data: DataBundle,
+    meta: dict[str, Any],
+    cfg: TrainConfig,
+    record: dict[str, Any],
+    *,
+    objective: Any = None,
+    resume: bool = False,
+    float_params: int,
+    module: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Train a `quantize_lowbit` model into run directory `out`, save it packed, score it.
+
+    `module` is what `fit` trains when it is not `qmodel` itself (a wrapper holding qmodel,
+    such as QKD's co-studying pair). Returns the results, also written to results.json.
+    """
+    out = Path(out)
+    write_config(out, {**record, "train": cfg.to_dict(), "data": _data_record(data)})
     start = time.perf_counter()
-    result = fit(qmodel, data, cfg, out, objective=objective, resume=resume)
-    save_packed(qmodel.cpu(), out, meta={**meta, "float_params": count_params(model)})
+    result = fit(module if module is not None else qmodel, data, cfg, out, objective=objective, resume=resume)
+    save_packed(qmodel.cpu(), out, meta={**meta, "float_params": float_params})
     results = evaluate(_renormalized(qmodel, meta, data), data, out=out, weights=out / TENSORS)
-    results.update(runtime="pytorch-fakequant", bits=bits, quantizer=config.to_dict(), params=count_params(model),
-                   best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
+    results.update(runtime="pytorch-fakequant", bits=record.get("bits"), quantizer=qmodel.kdq_lowbit["config"],
+                   params=float_params, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
                    train_time_s=time.perf_counter() - start)
     write_results(out, results)
     return results
-

@@ -27,6 +27,8 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,6 +206,20 @@ class Quantizer(nn.Module):
         if observe:
             with torch.no_grad():
                 self._observe(x.detach())
+
+    @contextmanager
+    def at_bits(self, bits: int) -> Iterator[Quantizer]:
+        """Quantize to `bits` over the same range inside the block, then restore.
+
+        SPEQ's teacher passes use it to see the layer at another precision with the same
+        learned clip; nothing learned is changed.
+        """
+        old = self.bits
+        self.bits = check_bits(bits)
+        try:
+            yield self
+        finally:
+            self.bits = old
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Loaded buffers may say "initialised" or not: read them again on the next forward.
@@ -420,6 +436,18 @@ class LSQQuantizer(Quantizer):
         self.step = nn.Parameter(torch.ones(channels if per_channel else ()))
         self.register_buffer("signed", torch.tensor(role == "weight"))
         self._signed = role == "weight"
+        self._step_factor = 1.0  # != 1 only inside at_bits
+
+    @contextmanager
+    def at_bits(self, bits: int) -> Iterator[Quantizer]:
+        # the same clip range at another width: the step shrinks as the grid gains levels
+        top = self._bounds()[1]
+        with super().at_bits(bits):
+            self._step_factor = max(top, 1) / max(self._bounds()[1], 1)
+            try:
+                yield self
+            finally:
+                self._step_factor = 1.0
 
     def _sync_state(self) -> None:
         self._signed = bool(self.signed)
@@ -450,6 +478,8 @@ class LSQQuantizer(Quantizer):
             n = x.numel() // self.step.numel()  # weights per step size
         g = 1.0 / math.sqrt(n * (1 if self._binary() else qp))
         step = ste(self.step, self.step * g)  # value s, gradient scaled by g
+        if self._step_factor != 1.0:
+            step = step * self._step_factor
         s = channel_view(step, x.ndim) if self.per_channel else step
         v = x / s
         if self._binary():
