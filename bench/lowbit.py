@@ -7,7 +7,9 @@
    qkd and speq at w4a4 and w2a2, for seeds 0 and 1. Finished runs in --out are reused, so an
    interrupted benchmark continues where it stopped. KEY=VALUE overrides the YAML (e.g.
    `data.subset=2000 float.epochs=1` for a quick look).
-2. Prints the sweep table (mean ± sample std over seeds, all 10,000 test images), the packed
+2. Compares the quantizers (dorefa, pact, uniform, ternary, binary against lsq) with the
+   apprentice recipe, seed 0, from the same float model, into --out/quantizers.
+3. Prints the sweep table (mean ± sample std over seeds, all 10,000 test images), the packed
    sizes against k/32 of the float size + 10%, the goals checked, and the chain against direct
    distillation; --write replaces the "## Low-bit" section of that Markdown file with them.
 
@@ -30,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"w8a8": 0.3, "w4a4": 1.0, "w2a2": 4.0}  # most accuracy points lost against float
 ONE_BIT_FLOOR = 0.5
+# the quantizer comparison: pact means PACT activations with DoReFa weights; binary and ternary
+# fix the weight width and keep LSQ activations
+QUANTIZERS = {"dorefa": ["w4a4", "w2a2"], "pact": ["w4a4", "w2a2"], "uniform": ["w4a4", "w2a2"],
+              "ternary": ["w2a2"], "binary": ["w1a2"]}
 SECTION = "## Low-bit"
 
 
@@ -68,6 +74,24 @@ def chain_vs_direct(summary: list[dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
+def quantizer_rows(stages: dict[str, Any], float_dir: Path, out: Path) -> list[dict[str, Any]]:
+    """Apprentice (seed 0, one epoch) with each quantizer; lsq's rows come from the main sweep."""
+    from kdq.recipes import sweep
+
+    rows = []
+    for key, r in stages.items():
+        recipe, _, rest = key.partition("/")
+        scheme = rest.split()[0] if rest else ""
+        if recipe == "apprentice" and scheme in ("w4a4", "w2a2", "w1a2") and (" " not in rest or rest.endswith(" seed0")):
+            rows.append({"recipe": "lsq", "bits": scheme, "seed": 0, "accuracy": r["accuracy"], "size_bytes": r["size_bytes"],
+                         "float_size_bytes": stages["float"]["size_bytes"]})
+    for quantizer, schemes in QUANTIZERS.items():
+        found = sweep("apprentice", float_dir, out / quantizer, bits=schemes, seeds=[0], quantizer=quantizer,
+                      resume=True, epochs=1, batch_size=128)
+        rows += [{**r, "recipe": quantizer} for r in found]
+    return rows
+
+
 def replace_section(path: Path, report: str) -> None:
     from kdq.io import write_text
 
@@ -82,6 +106,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/lowbit")
     p.add_argument("--config", default=str(ROOT / "bench" / "lowbit.yaml"))
     p.add_argument("--write", help="replace the '## Low-bit' section of this Markdown file with the report")
+    p.add_argument("--no-quantizers", action="store_true", help="skip the comparison of quantizers")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the experiment, as for `kdq run`")
     args = p.parse_args()
 
@@ -132,6 +157,21 @@ def main() -> None:
         markdown_table(chain_vs_direct(summary), [("bits", "bits"), ("chain", "takd-chain"), ("direct", "apprentice"),
                                                   ("alone", "individual"), ("diff", "diff"), ("spread", "spread")]),
     ])
+    if not args.no_quantizers:
+        from kdq.report.sweep import plot_sweep, sweep_table
+
+        qrows = quantizer_rows(stages, Path(args.out) / "float", Path(args.out) / "quantizers")
+        plot_sweep(qrows, ROOT / "bench" / "lowbit_quantizers.png", reference=reference,
+                   title="apprentice, seed 0: accuracy by quantizer")
+        report += "\n".join([
+            "", "",
+            "Quantizers compared: the apprentice recipe, seed 0, one epoch, each quantizer for weights and "
+            "activations (pact: PACT activations with DoReFa weights; ternary and binary: TTQ and XNOR-style "
+            "weights with LSQ activations); first and last layers 8-bit LSQ or uniform as always. "
+            "Plot: `bench/lowbit_quantizers.png`.",
+            "",
+            sweep_table(qrows, reference),
+        ])
     print(report)
     png = Path(args.out) / "sweep.png"
     if png.exists():

@@ -7,7 +7,7 @@ significant bit first, and bit j of the stream is bit j % 8 of byte j // 8 (NumP
 
 `save_packed` stores only the codes of quantized weights, not their latent float values;
 `load_packed` rebuilds the zoo model, redoes `quantize_lowbit` from the recorded plan, loads
-the other tensors (biases, batch norm, quantizer state) and freezes each quantized weight
+the other tensors (biases, batch norm, activation quantizer state) and freezes each quantized weight
 at its dequantized codes, so the loaded model's eval outputs equal the original's exactly.
 """
 
@@ -84,8 +84,10 @@ def save_packed(model: nn.Module, path_dir: str | Path, meta: dict[str, Any] | N
     """Write a `quantize_lowbit` zoo model to `path_dir`: packed.safetensors + packed.json.
 
     Quantized weights are stored as packed codes with their scale and zero point (or lookup
-    table); every other parameter and buffer (biases, batch norm, quantizer state such as LSQ
-    step sizes and activation ranges) as float tensors. `meta` is extra JSON data for the
+    table); every other parameter and buffer (biases, batch norm, activation quantizer state
+    such as LSQ step sizes and ranges) as float tensors. A packed weight's own quantizer state
+    and batch norm's batch counters are left out: inference never reads them, and a weight
+    unfrozen for more training re-initialises its quantizer. `meta` is extra JSON data for the
     manifest. Both files are written atomically, the manifest last.
     """
     record = getattr(model, "kdq_lowbit", None)
@@ -109,13 +111,20 @@ def save_packed(model: nn.Module, path_dir: str | Path, meta: dict[str, Any] | N
             tensors[f"{key}::zero_point"] = codes.zero_point
         weights[key] = {"bits": codes.bits, "shape": list(codes.codes.shape), "dequant": codes.kind}
     for key, value in model.state_dict().items():
-        if key not in weights:
+        if key not in weights and not _needless(key, weights):
             tensors[key] = value
     out = Path(path_dir)
     save_weights(out / TENSORS, tensors)
     manifest = {"format": FORMAT, "version": 1, "spec": spec, "lowbit": record, "weights": weights, "meta": meta or {}}
     write_json(out / MANIFEST, manifest)  # written last: its presence marks a complete save
     return out
+
+
+def _needless(key: str, packed: dict[str, Any]) -> bool:
+    """State a deployed model never reads: the quantizer of a packed weight (its codes carry
+    the scale) and batch norm's batch counter (momentum-based BN ignores it)."""
+    layer, sep, _ = key.partition(".weight_quantizer.")
+    return key.endswith("num_batches_tracked") or (bool(sep) and f"{layer}.weight" in packed)
 
 
 def export_packed_file(path_dir: str | Path, out: str | Path) -> Path:
@@ -155,8 +164,9 @@ def load_packed(path_dir: str | Path) -> nn.Module:
     layers = lowbit_layers(model)
     state = {k: v for k, v in tensors.items() if "::" not in k}
     result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) != set(manifest["weights"]):
-        extra = sorted(result.unexpected_keys) or sorted(set(result.missing_keys) ^ set(manifest["weights"]))
+    missing = {k for k in result.missing_keys if not _needless(k, manifest["weights"])}
+    if result.unexpected_keys or missing != set(manifest["weights"]):
+        extra = sorted(result.unexpected_keys) or sorted(missing ^ set(manifest["weights"]))
         raise KdqError(f"{path / TENSORS} does not match the model its manifest describes (first mismatched tensors: {', '.join(extra[:3])})")
     for key, entry in manifest["weights"].items():
         layer = layers.get(key.removesuffix("weight").removesuffix("."))
