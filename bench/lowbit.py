@@ -9,7 +9,9 @@
    `data.subset=2000 float.epochs=1` for a quick look).
 2. Compares the quantizers (dorefa, pact, uniform, ternary, binary against lsq) with the
    apprentice recipe, seed 0, from the same float model, into --out/quantizers.
-3. Prints the sweep table (mean ± sample std over seeds, all 10,000 test images), the packed
+3. Runs apprentice again at w2a2 and w1a2 with --long-epochs (3) epochs, seed 0: what a
+   longer budget buys where one epoch falls short.
+4. Prints the sweep table (mean ± sample std over seeds, all 10,000 test images), the packed
    sizes against k/32 of the float size + 10%, the goals checked, and the chain against direct
    distillation; --write replaces the "## Low-bit" section of that Markdown file with them.
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"w8a8": 0.3, "w4a4": 1.0, "w2a2": 4.0}  # most accuracy points lost against float
 ONE_BIT_FLOOR = 0.5
+LONG_SCHEMES = ["w2a2", "w1a2"]
 # the quantizer comparison: pact means PACT activations with DoReFa weights; binary and ternary
 # fix the weight width and keep LSQ activations
 QUANTIZERS = {"dorefa": ["w4a4", "w2a2"], "pact": ["w4a4", "w2a2"], "uniform": ["w4a4", "w2a2"],
@@ -106,6 +109,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/lowbit")
     p.add_argument("--config", default=str(ROOT / "bench" / "lowbit.yaml"))
     p.add_argument("--write", help="replace the '## Low-bit' section of this Markdown file with the report")
+    p.add_argument("--long-epochs", type=int, default=3, help="also run apprentice at w2a2 and w1a2 this long (0: skip)")
     p.add_argument("--no-quantizers", action="store_true", help="skip the comparison of quantizers")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the experiment, as for `kdq run`")
     args = p.parse_args()
@@ -157,6 +161,20 @@ def main() -> None:
         markdown_table(chain_vs_direct(summary), [("bits", "bits"), ("chain", "takd-chain"), ("direct", "apprentice"),
                                                   ("alone", "individual"), ("diff", "diff"), ("spread", "spread")]),
     ])
+    if args.long_epochs:
+        from kdq.recipes import sweep
+        from kdq.report.sweep import sweep_table
+
+        long_rows = sweep("apprentice", Path(args.out) / "float", Path(args.out) / f"apprentice-{args.long_epochs}ep",
+                          bits=LONG_SCHEMES, seeds=[0], resume=True, epochs=args.long_epochs, batch_size=128)
+        long_rows = [{**r, "recipe": f"apprentice, {args.long_epochs} epochs"} for r in long_rows]
+        report += "\n".join([
+            "", "",
+            f"A longer budget: apprentice, seed 0, {args.long_epochs} epochs instead of 1 (same float model, same "
+            "data), for the schemes that miss with one epoch:",
+            "",
+            sweep_table(long_rows, reference),
+        ])
     if not args.no_quantizers:
         from kdq.report.sweep import plot_sweep, sweep_table
 
