@@ -5,7 +5,7 @@ CONSTRAINTS ?= constraints.txt
 BIN         := $(VENV)/bin
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench bench-int8 clean
+.PHONY: demo test install data bench bench-int8 bench-lowbit clean
 
 $(BIN)/kdq: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: install data
 # About an hour on 2 cores: trains seed 004's pipeline plus a ResNet-20 student, then measures
 bench-int8: install data
 	$(BIN)/python bench/int8.py --out runs/seed004
+
+# About an hour on 2 cores: issue 4's low-bit recipes at 16/8/4/2/1 bits over two seeds, then quantizers
+bench-lowbit: install data
+	$(BIN)/python bench/lowbit.py --out runs/lowbit
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

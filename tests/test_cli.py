@@ -384,6 +384,32 @@ def test_lowbit_qat_with_teacher_then_evaluate(teacher_dir, tmp_path, capsys):
     assert code == 2 and "kdq qat --bits" in err
 
 
+@pytest.mark.slow
+def test_recipe_command_runs_seeds_and_writes_the_report(teacher_dir, tmp_path, capsys):
+    out_dir = tmp_path / "chain"
+    args = ["recipe", "takd-chain", str(teacher_dir), "--bits", "w8a8,w2a2", "--seeds", "0,1", "--out", str(out_dir),
+            "--epochs", "1", "--batch-size", "64", "--no-progress"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "| takd-chain | w2a2 | 2     |" in out and "±" in out
+    assert (out_dir / "sweep.png").exists() and (out_dir / "sweep.md").read_text() == out
+    assert yaml.safe_load((out_dir / "seed1" / "w2a2" / "config.yaml").read_text())["teacher"] == str(out_dir / "seed1" / "w8a8")
+    before = (out_dir / "seed0" / "w2a2" / "results.json").stat().st_mtime_ns
+    assert run(capsys, *args, "--resume")[0] == 0  # finished schemes are kept
+    assert (out_dir / "seed0" / "w2a2" / "results.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+    (["--teacher-bits", "4,8"], "does not take 'teacher_bits'"),
+    (["--bits", "w4a4,w4a4"], "twice"),
+])
+def test_recipe_command_bad_input_is_one_line(teacher_dir, tmp_path, capsys, extra, words):
+    argv = ["recipe", "apprentice", str(teacher_dir), "--out", str(tmp_path / "r"), "--bits", "w4a4", *extra]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and words in err, err
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--bits", "w0a4"], "bits"),
     (["--bits", "w4a4", "--quantizer", "lsqq"], "did you mean"),

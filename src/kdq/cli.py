@@ -127,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bits of the first and last layers in low-bit QAT (default 8; 32 keeps them float)")
     _add_train_options(qt)
 
+    rc = sub.add_parser("recipe", help="low-bit recipes: a float run made into several precisions, with a sweep report")
+    rc.add_argument("recipe", help="individual, apprentice, takd-chain, qkd or speq (qkd's phases: use a YAML recipe stage)")
+    rc.add_argument("run", help="run directory of the float model every scheme starts from")
+    rc.add_argument("--bits", required=True, help="schemes, comma-separated, e.g. w16a16,w8a8,w4a4,w2a2,w1a2 (the chain's order)")
+    rc.add_argument("--out", required=True, help="folder to write: <out>/seed<k>/<scheme>/, sweep.md, sweep.png")
+    rc.add_argument("--seeds", default="0", help="comma-separated seeds, one run of every scheme each (default 0)")
+    rc.add_argument("--teacher", help="teacher run directory (apprentice, takd-chain, qkd; default: the source run)")
+    rc.add_argument("--temperature", type=float)
+    rc.add_argument("--alpha", type=float)
+    rc.add_argument("--quantizer", help="lsq (default), uniform, dorefa, pact, binary or ternary")
+    rc.add_argument("--act-quantizer")
+    rc.add_argument("--first-last-bits", type=int, help="bits of the first and last layers (default 8; 32 keeps them float)")
+    rc.add_argument("--teacher-bits", help="speq: activation widths the teacher pass draws from, comma-separated (32: float)")
+    rc.add_argument("--cosine-weight", type=float, help="speq: weight of the cosine distillation term (default 1)")
+    rc.add_argument("--resume", action="store_true", help="keep finished schemes and resume interrupted ones")
+    _add_train_options(rc)
+
     ex = sub.add_parser("export", help="export a run directory's model for deployment")
     ex.add_argument("run", help="run directory (float, or int8 from quantize/qat: exported with its own scales)")
     ex.add_argument("--format", choices=("onnx", "packed"), default="onnx",
@@ -254,6 +271,31 @@ def _cmd_qat(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/ ({written}, results.json)", file=sys.stderr)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise KdqError(f"{what} must be comma-separated integers, e.g. 0,1; got {text!r}") from None
+
+
+def _cmd_recipe(args: argparse.Namespace) -> None:
+    from kdq.recipes import sweep, write_report
+    from kdq.rundir import read_results
+
+    given = {"teacher": args.teacher, "temperature": args.temperature, "alpha": args.alpha, "quantizer": args.quantizer,
+             "act_quantizer": args.act_quantizer, "cosine_weight": args.cosine_weight,
+             "teacher_bits": _int_list(args.teacher_bits, "--teacher-bits") if args.teacher_bits else None}
+    # only what was typed: each recipe takes its own options and rejects the others by name
+    options = {k: v for k, v in given.items() if v is not None}
+    if args.first_last_bits is not None:
+        options["first_last_bits"] = None if args.first_last_bits == 32 else args.first_last_bits
+    rows = sweep(args.recipe, args.run, args.out, seeds=_int_list(args.seeds, "--seeds"), bits=args.bits.split(","),
+                 resume=args.resume, **options, **_train_options(args))
+    print(write_report(rows, args.out, read_results(args.run).get("accuracy"), f"{args.recipe}: accuracy against bit width",
+                       str(args.run)), end="")
+    print(f"wrote {args.out}/ (seed<k>/<scheme>/ run directories, sweep.md, sweep.png)", file=sys.stderr)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from kdq import api
 
@@ -279,6 +321,7 @@ COMMANDS = {
     "export": _cmd_export,
     "quantize": _cmd_quantize,
     "qat": _cmd_qat,
+    "recipe": _cmd_recipe,
     "run": _cmd_run,
 }
 

@@ -93,16 +93,11 @@ def _run_recipe(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pa
 
 
 def _sweep_report(exp: Experiment, rows: list[dict[str, Any]], results: dict[str, Any], root: Path) -> str:
-    """sweep.md and sweep.png: accuracy against bit width per recipe, and size per width."""
-    from kdq.report.sweep import plot_sweep, size_table, sweep_table
+    from kdq.recipes import write_report
 
-    recipe_stage = next(s for s in exp.stages if s.kind == "recipe")
-    reference = results.get(recipe_stage.source, {}).get("accuracy")
-    plot_sweep(rows, root / "sweep.png", reference=reference, title=f"{exp.name}: accuracy against bit width")
-    text = "## Low-bit sweep\n\n" + (f"Float model (stage {recipe_stage.source}): {reference:.4f}.\n\n" if reference is not None else "")
-    text += sweep_table(rows, reference) + "\n\n" + size_table(rows) + "\n\nplot: sweep.png\n"
-    write_text(root / "sweep.md", text)
-    return text
+    source = next(s for s in exp.stages if s.kind == "recipe").source
+    return write_report(rows, root, results.get(source, {}).get("accuracy"),
+                        f"{exp.name}: accuracy against bit width", f"stage {source}")
 
 
 def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Path, root: Path,

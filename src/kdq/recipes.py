@@ -41,7 +41,7 @@ from kdq.engine import count_params, fit
 from kdq.engine.config import TrainConfig
 from kdq.engine.train import BEST
 from kdq.errors import KdqError, suggest
-from kdq.io import load_weights, write_json
+from kdq.io import load_weights, write_json, write_text
 from kdq.lowbit_api import fine_tune_config, lowbit_config, lowbit_qat, lowbit_source, train_lowbit
 from kdq.quant.lowbit import quantize_lowbit
 from kdq.quant.lowbit.layers import lowbit_layers
@@ -78,6 +78,20 @@ def sweep(name: str, source: str | Path, out: str | Path, *, seeds: Sequence[int
                   "size_bytes": r["size_bytes"], "float_size_bytes": float_size, "run": r.get("run_dir")}
                  for scheme, r in results.items()]
     return rows
+
+
+def write_report(rows: list[dict[str, Any]], out: str | Path, reference: float | None, title: str,
+                 float_name: str = "float") -> str:
+    """sweep.md and sweep.png in `out`: accuracy against weight bits per recipe (mean ± std over
+    seeds), sizes against k/32 of float + 10%; returns the Markdown."""
+    from kdq.report.sweep import plot_sweep, size_table, sweep_table
+
+    out = Path(out)
+    plot_sweep(rows, out / "sweep.png", reference=reference, title=title)
+    text = "## Low-bit sweep\n\n" + (f"Float model ({float_name}): {reference:.4f}.\n\n" if reference is not None else "")
+    text += sweep_table(rows, reference) + "\n\n" + size_table(rows) + "\n\nplot: sweep.png\n"
+    write_text(out / "sweep.md", text)
+    return text
 
 
 def check_recipe(name: str, options: dict[str, Any]) -> None:
