@@ -25,6 +25,7 @@ scheme that already has results is kept and an interrupted one continues from it
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -243,6 +244,7 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
         run_dir = Path(out) / scheme
         done = _finished(run_dir, resume)
         if done is None:
+            started = time.perf_counter()  # train_time_s covers all three phases
             cfg = {p: fine_tune_config({"epochs": 1, **train, **(phases.get(p) or {})}) for p in PHASES}
             config = lowbit_config(scheme, quantizer, act_quantizer, first_last_bits)
             model, meta, bundle = lowbit_source(source, data)
@@ -256,7 +258,7 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
                       "phases": {p: c.to_dict() for p, c in cfg.items()}}
             tutor = Distiller(pair.teacher, loss, "online", cfg["tutoring"].eval_batch_size)
             done = train_lowbit(student, run_dir, bundle, meta, cfg["tutoring"], record, objective=tutor,
-                                resume=resume, float_params=count_params(model))
+                                resume=resume, float_params=count_params(model), started=started)
         results[scheme] = {**done, "run_dir": str(run_dir)}
     return results
 
