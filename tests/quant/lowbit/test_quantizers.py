@@ -194,7 +194,8 @@ def test_ternary_gradients_follow_ttq():
     q = make_quantizer("ternary", 2, "weight")
     upstream = torch.arange(1.0, 7.0)
     (q(w) * upstream).sum().backward()
-    assert math.isclose(q.w_pos.grad.item(), 1 + 2) and math.isclose(q.w_neg.grad.item(), -(5 + 6))
+    g = 1 / math.sqrt(6)  # the sums over each side, scaled by 1/sqrt(weights in the layer)
+    assert q.w_pos.grad.item() == pytest.approx((1 + 2) * g) and q.w_neg.grad.item() == pytest.approx(-(5 + 6) * g)
     assert torch.allclose(w.grad, torch.tensor([0.7 * 1, 0.7 * 2, 3, 4, 0.8 * 5, 0.8 * 6]))
 
 

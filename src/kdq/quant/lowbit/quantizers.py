@@ -523,7 +523,10 @@ class TernaryQuantizer(Quantizer):
     (initialised on the first forward to the mean magnitude of the weights kept on each side).
     Gradients (the paper's eqs. 7 and 8): dL/dWp sums dL/dw_t over the positive weights,
     dL/dWn minus that over the negative ones; the latent weights get dL/dw_t scaled by Wp,
-    1 or Wn in the positive, zero and negative regions. Exported as a 3-entry lookup table.
+    1 or Wn in the positive, zero and negative regions. kdq scales the two sums by
+    1/sqrt(N), N the layer's weights, as LSQ scales its step's gradient: with the raw sums,
+    SGD at lr 0.01 drove Wp and Wn negative within one epoch of ResNet-20 on Fashion-MNIST
+    (accuracy 0.17). Exported as a 3-entry lookup table.
     """
 
     name = "ternary"
@@ -555,7 +558,8 @@ class TernaryQuantizer(Quantizer):
         self._prepare(xf, observe=False)
         pos, neg = self._masks(xf)
         p, n = pos.to(xf.dtype), neg.to(xf.dtype)
-        value = self.w_pos * p - self.w_neg * n  # carries the gradients of Wp and Wn
+        g = 1.0 / math.sqrt(xf.numel())
+        value = ste(self.w_pos, self.w_pos * g) * p - ste(self.w_neg, self.w_neg * g) * n  # carries Wp's and Wn's gradients
         factor = (self.w_pos.detach() * p + self.w_neg.detach() * n + (1 - p - n)).detach()
         return (value + grad_only(factor * xf)).to(x.dtype)
 
