@@ -77,17 +77,12 @@ def chain_vs_direct(summary: list[dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
-def quantizer_rows(stages: dict[str, Any], float_dir: Path, out: Path) -> list[dict[str, Any]]:
+def quantizer_rows(sweep_rows: list[dict[str, Any]], float_dir: Path, out: Path) -> list[dict[str, Any]]:
     """Apprentice (seed 0, one epoch) with each quantizer; lsq's rows come from the main sweep."""
     from kdq.recipes import sweep
 
-    rows = []
-    for key, r in stages.items():
-        recipe, _, rest = key.partition("/")
-        scheme = rest.split()[0] if rest else ""
-        if recipe == "apprentice" and scheme in ("w4a4", "w2a2", "w1a2") and (" " not in rest or rest.endswith(" seed0")):
-            rows.append({"recipe": "lsq", "bits": scheme, "seed": 0, "accuracy": r["accuracy"], "size_bytes": r["size_bytes"],
-                         "float_size_bytes": stages["float"]["size_bytes"]})
+    rows = [{**r, "recipe": "lsq"} for r in sweep_rows
+            if r["recipe"] == "apprentice" and r["seed"] == 0 and r["bits"] in ("w4a4", "w2a2", "w1a2")]
     for quantizer, schemes in QUANTIZERS.items():
         found = sweep("apprentice", float_dir, out / quantizer, bits=schemes, seeds=[0], quantizer=quantizer,
                       resume=True, epochs=1, batch_size=128)
@@ -95,7 +90,7 @@ def quantizer_rows(stages: dict[str, Any], float_dir: Path, out: Path) -> list[d
     return rows
 
 
-def size_breakdown(stages: dict[str, Any], out: Path) -> list[dict[str, str]]:
+def size_breakdown(sweep_rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Per scheme, from one run: the packed weights (codes, scales, zero points) against k/32 of
     those weights in float32 (each layer at its own width: the 8-bit edges at 8), and the rest
     of packed.safetensors (batch norm, activation steps, biases, the header)."""
@@ -105,13 +100,12 @@ def size_breakdown(stages: dict[str, Any], out: Path) -> list[dict[str, str]]:
     from kdq.report.table import human_bytes
 
     rows, seen = [], set()
-    for key, r in stages.items():
-        stage, _, rest = key.partition("/")
-        scheme, _, seed = rest.partition(" ")
-        if not scheme or scheme in seen:
+    for r in sweep_rows:
+        scheme = r["bits"]
+        if scheme in seen:
             continue
         seen.add(scheme)
-        run = out / stage / (seed or "seed0") / scheme
+        run = Path(r["run"])
         path = run / "packed.safetensors"
         raw = path.read_bytes()
         header = json.loads(raw[8: 8 + struct.unpack("<Q", raw[:8])[0]])
@@ -163,13 +157,11 @@ def main() -> None:
     wall = time.perf_counter() - start
     stages = result["stages"]
     reference = stages["float"]["accuracy"]
-    rows = [{"recipe": key.split("/")[0], "bits": key.split("/")[1].split()[0], "accuracy": r["accuracy"],
-             "size_bytes": r["size_bytes"], "float_size_bytes": stages["float"]["size_bytes"]}
-            for key, r in stages.items() if "/" in key]
+    rows = result["sweep_rows"]
     summary = summarize_sweep(rows)
     train_time = statistics.fmean([r.get("train_time_s", 0) for k, r in stages.items() if "/" in k])
     env = environment("cpu")
-    seeds = sorted({int(m) for k in stages for m in re.findall(r"seed(\d+)", k)}) or [0]
+    seeds = sorted({r["seed"] for r in rows})
     cmd = "python bench/lowbit.py " + " ".join(sys.argv[1:])
     report = "\n".join([
         f"{SECTION}: recipes compared at 16, 8, 4, 2 and 1 bit (issue 4)",
@@ -198,7 +190,7 @@ def main() -> None:
         "The JSON manifest (packed.json, about 10 KB) is beside the file, or in its header after "
         "`kdq export --format packed`.",
         "",
-        markdown_table(size_breakdown(stages, Path(args.out)), [("bits", "bits"), ("weights", "packed weights"), ("float", "float32 weights"),
+        markdown_table(size_breakdown(rows), [("bits", "bits"), ("weights", "packed weights"), ("float", "float32 weights"),
                                                 ("ratio", "vs k/32"), ("met", "≤ k/32 + 10%"), ("rest", "rest"),
                                                 ("file", "file")]),
         "",
@@ -225,7 +217,7 @@ def main() -> None:
     if not args.no_quantizers:
         from kdq.report.sweep import plot_sweep, sweep_table
 
-        qrows = quantizer_rows(stages, Path(args.out) / "float", Path(args.out) / "quantizers")
+        qrows = quantizer_rows(rows, Path(args.out) / "float", Path(args.out) / "quantizers")
         plot_sweep(qrows, ROOT / "bench" / "lowbit_quantizers.png", reference=reference,
                    title="apprentice, seed 0: accuracy by quantizer")
         report += "\n".join([

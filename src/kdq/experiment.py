@@ -54,6 +54,7 @@ def run_experiment(exp: Experiment, out: str | Path | None = None) -> dict[str, 
     text = summary["table"] + "\n\n" + "\n".join(summary["notes"]) + "\n"
     if sweep_rows:
         summary["sweep"] = _sweep_report(exp, sweep_rows, results, root)
+        summary["sweep_rows"] = sweep_rows
         text += "\n" + summary["sweep"] + "\n"
     write_json(root / "summary.json", summary)
     write_text(root / "summary.md", text)

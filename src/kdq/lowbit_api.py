@@ -113,19 +113,17 @@ def train_lowbit(
     objective: Any = None,
     resume: bool = False,
     float_params: int,
-    module: nn.Module | None = None,
     started: float | None = None,
 ) -> dict[str, Any]:
     """Train a `quantize_lowbit` model into run directory `out`, save it packed, score it.
 
-    `module` is what `fit` trains when it is not `qmodel` itself (a wrapper holding qmodel,
-    such as QKD's co-studying pair). `started` (a time.perf_counter() value) makes train_time_s
+    `started` (a time.perf_counter() value) makes train_time_s
     count earlier phases too. Returns the results, also written to results.json.
     """
     out = Path(out)
     write_config(out, {**record, "train": cfg.to_dict(), "data": _data_record(data)})
     start = time.perf_counter() if started is None else started
-    result = fit(module if module is not None else qmodel, data, cfg, out, objective=objective, resume=resume)
+    result = fit(qmodel, data, cfg, out, objective=objective, resume=resume)
     save_packed(qmodel.cpu(), out, meta={**meta, "float_params": float_params})
     results = evaluate(_renormalized(qmodel, meta, data), data, out=out, weights=out / TENSORS)
     results.update(runtime="pytorch-fakequant", bits=record.get("bits"), quantizer=qmodel.kdq_lowbit["config"],

@@ -39,7 +39,7 @@ from kdq.api import load_teacher
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import count_params, fit
-from kdq.engine.config import TrainConfig
+from kdq.config import TRAIN_KEYS
 from kdq.engine.train import BEST
 from kdq.errors import KdqError, suggest
 from kdq.io import load_weights, write_json, write_text
@@ -101,12 +101,11 @@ def check_recipe(name: str, options: dict[str, Any]) -> None:
         raise KdqError(f"unknown recipe {name!r}{suggest(str(name), RECIPES.names())}; choose from {', '.join(RECIPES.names())}")
     params = inspect.signature(RECIPES.get(name)).parameters
     own = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY]
-    train_keys = [f for f in TrainConfig.__dataclass_fields__ if f != "extra"]
-    unknown = [k for k in options if k not in own and k not in train_keys]
+    unknown = [k for k in options if k not in own and k not in TRAIN_KEYS]
     if unknown:
-        raise KdqError(f"recipe {name!r} does not take {unknown[0]!r}{suggest(unknown[0], own + train_keys)}; "
+        raise KdqError(f"recipe {name!r} does not take {unknown[0]!r}{suggest(unknown[0], own + list(TRAIN_KEYS))}; "
                        f"it takes {', '.join(own)} and training options")
-    train = {k: v for k, v in options.items() if k in train_keys}
+    train = {k: v for k, v in options.items() if k in TRAIN_KEYS}
     fine_tune_config(train)
     schemes = _schemes(options.get("bits"))
     for scheme in schemes:
