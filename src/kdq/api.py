@@ -35,6 +35,7 @@ from kdq.engine import (
     fit,
     measure_speed,
     predict,
+    seed_everything,
 )
 from kdq.errors import KdqError
 from kdq.models import create_model, model_info
@@ -154,9 +155,10 @@ def train(
     **options: Any,
 ) -> Run:
     """Train a model with cross-entropy; options are TrainConfig fields (epochs, lr, ...)."""
-    bundle, data_record = resolve_data(data, **(data_options or {}))
-    net = build_model(model, bundle, **(model_kwargs or {}))
     cfg = TrainConfig.from_dict(options)
+    bundle, data_record = resolve_data(data, **(data_options or {}))
+    seed_everything(cfg.seed, cfg.deterministic)  # the initial weights follow --seed
+    net = build_model(model, bundle, **(model_kwargs or {}))
     record = {"command": "train", "data": data_record, "model": _spec(net), "train": cfg.to_dict()}
     return _train_and_report(net, bundle, cfg, out, record, objective=None, resume=resume)
 
@@ -182,6 +184,7 @@ def distill(
         raise KdqError("a cached teacher cannot score mixed images; use teacher_mode='online' with mixup/cutmix")
     bundle, data_record = resolve_data(data, **(data_options or {}))
     teacher_net = load_teacher(teacher, bundle)
+    seed_everything(cfg.seed, cfg.deterministic)  # the initial weights follow --seed
     net = build_model(student, bundle, **(model_kwargs or {}))
     objective = Distiller(teacher_net, loss, teacher_mode, cfg.eval_batch_size)
     record = {

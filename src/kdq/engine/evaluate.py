@@ -114,6 +114,23 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The vector extensions that decide how fast int8 and float kernels run on an x86 CPU
+# (the same int8 model ran 10x faster than float on an AMX Xeon and 1.14x on an AVX2 EPYC).
+_CPU_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_extensions() -> list[str]:
+    """Which of the extensions that matter for kernels this CPU has (empty off Linux/x86)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in _CPU_EXTENSIONS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     """Where the numbers came from: the processor `device` names (default: the machine's best).
 
@@ -126,6 +143,8 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "device_type": device.type,
+        "cpu": _cpu_name(),
+        "cpu_flags": cpu_extensions(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
