@@ -66,3 +66,31 @@ def test_teacher_from_other_split_is_renormalised(digits, tmp_path):
     model, meta = kdq.load_model(tmp_path / "t")
     own = (raw - torch.tensor(meta["mean"]).reshape(1, -1, 1, 1)) / torch.tensor(meta["std"]).reshape(1, -1, 1, 1)
     torch.testing.assert_close(teacher.eval()(other.test.x[:3]), model.eval()(own), rtol=1e-4, atol=1e-4)
+
+
+class _Rows(nn.Module):
+    """A user's sequence model: the digits' 8 rows as 8 steps of an LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 32, batch_first=True)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x.flatten(1).reshape(len(x), 8, 8))[0][:, -1])
+
+
+def test_evaluate_quantized_modules(digits):
+    """Dynamic int8 (LSTM, Linear) and static int8 (FX) modules evaluate, sized as kdq saves them."""
+    from kdq.quant import quantize_dynamic, quantize_static
+
+    torch.manual_seed(0)
+    for float_model, quantize in (
+        (_Rows().eval(), quantize_dynamic),
+        (kdq.create_model("cnn-tiny", 10, 1).eval(), lambda m: quantize_static(m, digits.train.x[:64], observer="minmax")),
+    ):
+        ref = kdq.evaluate(float_model, digits, speed=False)
+        got = kdq.evaluate(quantize(float_model), digits)
+        assert got["size_bytes"] < ref["size_bytes"] / 2  # int8 weights, not a pickle of packed objects
+        assert abs(got["params"] - ref["params"]) <= ref["params"] * 0.01  # packed weights count (BN folded)
+        assert got["latency_ms_batch1"] > 0 and "latency_ms_batch1_iqr" in got

@@ -118,7 +118,7 @@ def test_teacher_with_other_classes(teacher_dir, tmp_path, capsys):
     ("data: {name: digits\nstages: [", "not valid YAML at line"),
     ("data: {name: digits}\nstages: {a: {model: cnn-tiny, epochz: 1}}\n", "unknown key 'epochz' in stage 'a' (did you mean epochs"),
     ("data: {name: digits}\nstages: {a: {model: cnn-tiny, epochs: 0}}\n", "stage 'a': epochs must be >= 1"),
-    ("data: {name: digits}\nstages: {a: {model: cnn-tiny, teacher: b, alpha: 2}}\n", "neither an earlier stage"),
+    ("data: {name: digits}\nstages: {a: {model: cnn-tiny, teacher: b}}\n", "neither an earlier stage"),
     ("data: {name: digits}\nstages: {b: {model: cnn-tiny}, a: {model: cnn-tiny, teacher: b, alpha: 2}}\n", "alpha must be in [0, 1]"),
     ("data: {name: digits}\nstages: {b: {model: cnn-tiny}, a: {model: cnn-tiny, teacher: b, temperature: -1}}\n", "temperature must be > 0"),
     ("dta: {name: digits}\n", "unknown key 'dta' in the experiment (did you mean data"),
@@ -418,3 +418,185 @@ def test_recipe_command_bad_input_is_one_line(teacher_dir, tmp_path, capsys, ext
 def test_lowbit_qat_bad_input_is_one_line(teacher_dir, tmp_path, capsys, extra, words):
     code, _, err = run(capsys, "qat", str(teacher_dir), "--out", str(tmp_path / "q"), "--epochs", "1", *extra)
     assert code == 2 and err.count("\n") == 1 and words in err, err
+
+
+USER_MODELS = '''
+from torch import nn
+from kdq.models import register_model
+
+
+class Rows(nn.Module):
+    """A user's LSTM: the digits' rows as steps."""
+
+    def __init__(self, num_classes=10, in_channels=64, *, hidden=16):
+        super().__init__()
+        self.lstm = nn.LSTM(8, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x.flatten(1).reshape(len(x), -1, 8))[0][:, -1])
+
+
+@register_model("kdq-test-rows", input_kind="vector")
+def rows(**kwargs) -> Rows:
+    return Rows(**kwargs)
+'''
+
+
+@pytest.mark.slow
+def test_user_model_through_import(tmp_path, capsys, monkeypatch):
+    """A run of a user's registered model is evaluated, quantized and taught through `kdq --import`."""
+    import subprocess
+    import sys
+
+    import kdq
+    from kdq.models.registry import MODELS
+
+    (tmp_path / "kdq_test_user_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    try:
+        import kdq_test_user_models  # noqa: F401  registers kdq-test-rows, as the user's own code would
+
+        kdq.train("kdq-test-rows", "digits", out=tmp_path / "f", data_options={"subset": 300}, epochs=1, progress=False)
+        code, out, err = run(capsys, "--import", "kdq_test_user_models", "quantize", str(tmp_path / "f"),
+                             "--method", "dynamic", "--out", str(tmp_path / "q"))
+        assert code == 0, err
+        assert json.loads((tmp_path / "q" / "quantized.json").read_text())["rnn"]  # the LSTM is int8
+    finally:
+        MODELS._items.pop("kdq-test-rows", None)  # other tests list every registered model
+        sys.modules.pop("kdq_test_user_models", None)
+
+    def kdq_cli(*argv):  # a fresh process: only --import can register the model there
+        return subprocess.run([sys.executable, "-m", "kdq.cli", *argv], capture_output=True, text=True, timeout=300)
+
+    done = kdq_cli("--import", "kdq_test_user_models", "evaluate", str(tmp_path / "f"), "--no-speed")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["accuracy"] == pytest.approx(json.loads((tmp_path / "f" / "results.json").read_text())["accuracy"])
+    refused = kdq_cli("evaluate", str(tmp_path / "q"), "--no-speed")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("kdq: error: ")
+    assert "'kdq-test-rows'" in refused.stderr and "kdq --import MODULE" in refused.stderr
+
+    # in this process the model is unregistered again: a teacher run, refused the same way
+    files = sorted(p.name for p in (tmp_path / "f").iterdir())
+    code, _, err = run(capsys, "distill", "--model", "mlp-small", "--teacher", str(tmp_path / "f"), "--data", "digits",
+                       "--out", str(tmp_path / "s"), *FAST)
+    assert code == 2 and err.count("\n") == 1 and "kdq --import MODULE" in err
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == files
+    code, _, err = run(capsys, "--import", "no_such_kdq_module", "models")
+    assert code == 2 and err.count("\n") == 1 and "--import no_such_kdq_module: No module named" in err
+
+
+def test_custom_module_run_refused_in_one_line(tmp_path, capsys):
+    from torch import nn
+
+    import kdq
+
+    kdq.train(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), "digits", out=tmp_path / "m",
+              data_options={"subset": 300}, epochs=1, progress=False)
+    capsys.readouterr()
+    for argv in (["evaluate", str(tmp_path / "m")], ["quantize", str(tmp_path / "m"), "--out", str(tmp_path / "q")],
+                 ["export", str(tmp_path / "m"), "--out", str(tmp_path / "m.onnx")]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1, argv
+        assert "custom model (class 'torch.nn.modules.container.Sequential')" in err and "kdq --import MODULE" in err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def _refused(capsys, *argv) -> str:
+    """Run kdq; assert exit 2 and exactly one 'kdq: error:' line on stderr (argparse's own errors too)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse exits by itself
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, err)
+    assert err.count("\n") == 1 and err.startswith("kdq: error: "), err
+    return err
+
+
+TRAIN_ARGS = ["train", "--data", "digits", "--model", "cnn-tiny", *FAST]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lr", "inf"], "lr must be a finite number, got inf"),
+    (["--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--momentum=-inf"], "momentum must be a finite number"),
+    (["--weight-decay", "inf"], "weight_decay must be a finite number"),
+    (["--warmup-epochs", "nan"], "warmup_epochs must be a finite number"),
+    (["--mixup", "inf"], "mixup must be a finite number"),
+    (["--cutmix", "nan"], "cutmix must be a finite number"),
+    (["--label-smoothing", "nan"], "label_smoothing must be a finite number"),
+    (["--eval-batch-size", "0"], "eval_batch_size must be >= 1, got 0"),
+    (["--val-size", "0"], "--val-size must be a count >= 1 or a fraction in (0, 1), got 0"),
+    (["--val-size=-3"], "--val-size must be a count >= 1"),
+    (["--val-size", "inf"], "--val-size must be a count >= 1 or a fraction in (0, 1), got inf"),
+    (["--val-size", "nan"], "--val-size must be a count >= 1"),
+    (["--seed", "1e23"], "argument --seed: invalid int value: '1e23'"),
+    (["--seed", "-1"], "seed must be an integer from 0 to 4294967295, got -1"),
+    (["--seed", str(2**32)], "seed must be an integer from 0 to 4294967295"),
+    (["--split-seed=-1"], "the split seed (--split-seed) must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--split-seed", str(10**23)], "the split seed (--split-seed) must be an integer from 0 to 2**63 - 1"),
+    (["--device", "meta"], "unknown device 'meta'; use auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "foo"], "unknown device 'foo'"),
+    (["--device", "cuda:7"], "'cuda:7' requested but"),
+])
+def test_train_refuses_bad_numbers_before_writing(tmp_path, capsys, monkeypatch, extra, words):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if torch.cuda.is_available() else 0)
+    err = _refused(capsys, *TRAIN_ARGS, "--out", str(tmp_path / "out"), *extra)
+    assert words in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--temperature", "inf"], "temperature must be > 0 and finite, got inf"),
+    (["--temperature", "nan"], "temperature must be > 0 and finite, got nan"),
+    (["--alpha", "nan"], "alpha must be in [0, 1], got nan"),
+])
+def test_distill_refuses_infinite_temperature_and_alpha(teacher_dir, tmp_path, capsys, extra, words):
+    err = _refused(capsys, "distill", "--teacher", str(teacher_dir), "--data", "digits", "--model", "cnn-tiny",
+                   "--out", str(tmp_path / "out"), *FAST, *extra)
+    assert words in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["quantize", "{run}", "--out", "{out}", "--calibration-batch-size", "-5"], "calibration batch size must be >= 1, got -5"),
+    (["quantize", "{run}", "--out", "{out}", "--calibration-batches", "-5"], "calibration batches must be >= 1, got -5"),
+    (["export", "{run}", "--int8", "--out", "{out}/m.onnx", "--calibration-batch-size", "0"], "calibration batch size must be >= 1"),
+    (["qat", "{run}", "--out", "{out}", "--lr", "inf"], "lr must be a finite number, got inf"),
+    (["qat", "{run}", "--out", "{out}", "--bits", "w4a4", "--seed=-2"], "seed must be an integer from 0"),
+    (["recipe", "individual", "{run}", "--bits", "w4a4", "--out", "{out}", "--seeds", "0,0"], "seeds lists a seed twice"),
+    (["recipe", "apprentice", "{run}", "--bits", "w4a4", "--out", "{out}", "--temperature", "inf"],
+     "temperature must be > 0 and finite, got inf"),
+    (["recipe", "speq", "{run}", "--bits", "w4a4", "--out", "{out}", "--cosine-weight", "nan"],
+     "cosine_weight must be a finite number >= 0, got nan"),
+])
+def test_quantizing_commands_refuse_bad_numbers_before_writing(teacher_dir, tmp_path, capsys, argv, words):
+    files = sorted(p.name for p in teacher_dir.iterdir())
+    out = tmp_path / "out"
+    err = _refused(capsys, *[a.format(run=teacher_dir, out=out) for a in argv])
+    assert words in err
+    assert not out.exists() and sorted(p.name for p in teacher_dir.iterdir()) == files
+
+
+def test_a_diverged_training_is_not_saved_as_a_model(tmp_path, capsys):
+    err = _refused(capsys, *TRAIN_ARGS, "--subset", "300", "--lr", "1e12", "--out", str(tmp_path / "out"))
+    assert "training diverged: the loss is nan at epoch 1; lower --lr (now 1e+12)" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("command, defaults", [("qat", "QAT_DEFAULTS"), ("recipe", "FINE_TUNE_DEFAULTS")])
+def test_help_shows_each_commands_own_training_defaults(capsys, command, defaults):
+    from kdq.engine import config
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for key in ("epochs", "lr", "warmup_epochs"):
+        value = getattr(config, defaults)[key]
+        assert f"--{key.replace('_', '-')} {key.upper()} " in text
+        assert f"(default: {value}" in text.split(f"--{key.replace('_', '-')} {key.upper()} ", 1)[1][:120], key
+    assert "(default: 10)" not in text and "(default: 0.05)" not in text

@@ -11,6 +11,7 @@ Models may be zoo names or any `torch.nn.Module`; teachers may also be run direc
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import tempfile
@@ -37,11 +38,23 @@ from kdq.engine import (
     predict,
     seed_everything,
 )
-from kdq.errors import KdqError
-from kdq.models import create_model, model_info
-from kdq.io import read_json, save_weights, write_json
+from kdq.errors import KdqError, short_repr
+from kdq.models import create_model
+from kdq.models.registry import model_input_size
+from kdq.io import save_weights, write_json
 from kdq.report.plots import plot_confusion, plot_history
-from kdq.rundir import WEIGHTS, load_model, read_config, read_model_meta, save_model, write_config, write_results
+from kdq.rundir import (
+    CONFUSION,
+    WEIGHTS,
+    claim,
+    eval_file,
+    load_model,
+    read_config,
+    read_model_meta,
+    save_model,
+    write_config,
+    write_results,
+)
 
 
 @dataclass
@@ -80,22 +93,32 @@ def build_model(model: str | nn.Module, data: DataBundle, **kwargs: Any) -> nn.M
     """A zoo model sized for `data`, or the user's module unchanged."""
     if isinstance(model, nn.Module):
         return model
-    entry = model_info(model)
-    image_data = len(data.input_shape) == 3
-    if entry.input_kind == "image" and not image_data:
-        raise KdqError(f"model {model!r} needs images but data set {data.name!r} is tabular; use mlp or mlp-small")
-    in_channels = data.input_shape[0] if entry.input_kind == "image" else math.prod(data.input_shape)
+    in_channels = model_input_size(model, data.input_shape, data.name)
     return create_model(model, data.num_classes, in_channels, **kwargs)
 
 
 def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module:
-    """A teacher from a run directory (float, int8 or low-bit) or a module, checked against the data's classes."""
+    """A teacher from a run directory (float, int8 or low-bit) or a module, checked against the data.
+
+    A run directory's model must have been trained on data like `data`: the same classes,
+    input shape (so channel count) and, where model.json records it, the same data set.
+    A module must take `data`'s inputs and give one logit per class.
+    """
     if isinstance(teacher, nn.Module):
-        out = predict(teacher, data.val.x[:2])
-        if out.shape[1] != data.num_classes:
+        shape = _shape_text(data.input_shape)
+        try:
+            out = predict(teacher, data.val.x[:2])
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise KdqError(
-                f"the teacher outputs {out.shape[1]} classes but {data.name} has {data.num_classes}; "
-                "use a teacher trained on this data set"
+                f"the teacher module does not take {data.name} inputs of shape {shape} ({first}); "
+                f"use a teacher trained on {data.name}"
+            ) from None
+        if out.dim() != 2 or out.shape[1] != data.num_classes:
+            got = f"{out.shape[1]} classes" if out.dim() == 2 else f"logits of shape {tuple(out.shape)}"
+            raise KdqError(
+                f"the teacher outputs {got} but {data.name} has {data.num_classes} classes; "
+                f"use a teacher trained on {data.name}"
             )
         return teacher
     fmt = _quantized_format(Path(teacher))
@@ -103,15 +126,50 @@ def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module
         model, meta, _ = _load_quantized_run(Path(teacher), fmt, data)
     else:
         model, meta = load_model(teacher)
-    _check_classes(meta, data, teacher)
+    check_data_match(meta, data, teacher, same_dataset=True, fix=f"train a teacher on {data.name} first")
     return _renormalized(model, meta, data)
 
 
-def _check_classes(meta: dict[str, Any], data: DataBundle, source: str | Path) -> None:
-    if list(meta.get("classes", [])) != list(data.classes):
+def _shape_text(shape: Any) -> str:
+    """An input shape as kdq prints it: 1x28x28, or 20 features."""
+    if isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return "x".join(map(str, shape)) + (" features" if len(shape) == 1 else "")
+    return "unrecorded" if shape is None else short_repr(shape)
+
+
+def check_data_match(
+    meta: dict[str, Any],
+    data: DataBundle,
+    source: str | Path,
+    *,
+    same_dataset: bool = False,
+    fix: str | None = None,
+) -> None:
+    """Refuse `data` for a model saved with `meta` unless its classes, input shape and channels match.
+
+    With `same_dataset`, the data set's name must match too where `meta` records one (a teacher
+    trained on MNIST is refused for another 10-class grey data set). One KdqError line names
+    both data sets and shapes.
+    """
+    saved_classes, saved_shape, saved_name = meta.get("classes"), meta.get("input_shape"), meta.get("dataset")
+    differs = []
+    if not isinstance(saved_classes, list) or saved_classes != list(data.classes):
+        differs.append("classes")
+    if saved_shape is not None and (not isinstance(saved_shape, list) or saved_shape != list(data.input_shape)):
+        differs.append("input shape")
+    channels = [k for k in ("mean", "std") if not isinstance(meta.get(k), list) or len(meta[k]) != len(data.mean)]
+    if channels and "input shape" not in differs:
+        differs.append("channels")
+    if same_dataset and isinstance(saved_name, str) and saved_name != data.name:
+        differs.append("data set")
+    if differs:
+        n_saved = len(saved_classes) if isinstance(saved_classes, list) else "?"
+        name = saved_name if isinstance(saved_name, str) and len(saved_name) <= 60 else "unrecorded"
         raise KdqError(
-            f"{source} was trained on {meta.get('dataset')} ({len(meta.get('classes', []))} classes) "
-            f"but the data is {data.name} ({data.num_classes} classes); train a teacher on {data.name} first"
+            f"{source} was trained on {name!r} (input {_shape_text(saved_shape)}, {n_saved} classes) "
+            f"but the data is {data.name!r} (input {_shape_text(list(data.input_shape))}, {data.num_classes} classes): "
+            f"different {' and '.join(differs)}; "
+            f"{fix or f'pass the data set it was trained on (--data {name})'}"
         )
 
 
@@ -120,7 +178,24 @@ def _same_units(meta: dict[str, Any], data: DataBundle) -> bool:
 
 
 def _unit_change(data: DataBundle, meta: dict[str, Any], ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) taking `data`-normalised inputs to the units the model was saved with."""
+    """(scale, shift) taking `data`-normalised inputs to the units the model was saved with.
+
+    One mean and std per channel (or feature) on both sides, never broadcast: a 1-channel data
+    set fed to a 3-channel model is refused, not copied into every channel.
+    """
+    for key in ("mean", "std"):
+        saved = meta.get(key)
+        if not isinstance(saved, list) or len(saved) != len(data.mean):
+            n = len(saved) if isinstance(saved, list) else "no"
+            raise KdqError(
+                f"the model was saved for {n} input channels ({key}) but {data.name} has {len(data.mean)}; "
+                f"use the data set it was trained on"
+            )
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in saved) or (
+            key == "std" and not all(v > 0 for v in saved)
+        ):
+            raise KdqError(f"the model's saved {key} {short_repr(saved)} is not a list of finite numbers"
+                           f"{' > 0' if key == 'std' else ''}; the run directory is damaged, retrain it")
     shape = (1, -1) + (1,) * (ndim - 2)
     t = lambda v: torch.tensor(v, dtype=torch.float32).reshape(shape)  # noqa: E731
     return t(data.std) / t(meta["std"]), (t(data.mean) - t(meta["mean"])) / t(meta["std"])
@@ -150,17 +225,22 @@ def train(
     *,
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     data_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Run:
-    """Train a model with cross-entropy; options are TrainConfig fields (epochs, lr, ...)."""
+    """Train a model with cross-entropy; options are TrainConfig fields (epochs, lr, ...).
+
+    `out` must be new or empty, unless `resume` continues the run there (with the same model,
+    optimizer and data) or `overwrite` replaces it; see kdq.rundir.claim.
+    """
     cfg = TrainConfig.from_dict(options)
     bundle, data_record = resolve_data(data, **(data_options or {}))
     seed_everything(cfg.seed, cfg.deterministic)  # the initial weights follow --seed
     net = build_model(model, bundle, **(model_kwargs or {}))
     record = {"command": "train", "data": data_record, "model": _spec(net), "train": cfg.to_dict()}
-    return _train_and_report(net, bundle, cfg, out, record, objective=None, resume=resume)
+    return _train_and_report(net, bundle, cfg, out, record, objective=None, resume=resume, overwrite=overwrite)
 
 
 def distill(
@@ -173,6 +253,7 @@ def distill(
     teacher_mode: str = "online",
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     data_options: dict[str, Any] | None = None,
     **options: Any,
@@ -199,17 +280,23 @@ def distill(
             "teacher_mode": teacher_mode,
         },
     }
-    return _train_and_report(net, bundle, cfg, out, record, objective=objective, resume=resume)
+    return _train_and_report(net, bundle, cfg, out, record, objective=objective, resume=resume, overwrite=overwrite)
 
 
 def _spec(model: nn.Module) -> dict[str, Any]:
     return getattr(model, "kdq_spec", None) or {"name": None, "class": type(model).__name__}
 
 
-def _train_and_report(net, bundle, cfg, out, record, *, objective, resume) -> Run:  # noqa: ANN001
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
+def _train_and_report(net, bundle, cfg, out, record, *, objective, resume, overwrite) -> Run:  # noqa: ANN001
+    # everything is built and checked by now: only then is the run directory claimed and written
+    if out is None:
+        return _fit_and_score(net, bundle, cfg, None, record, objective=objective, resume=resume)
+    with claim(out, "float", record["command"], resume=resume, overwrite=overwrite, record=record) as out_dir:
         write_config(out_dir, record)
+        return _fit_and_score(net, bundle, cfg, out_dir, record, objective=objective, resume=resume)
+
+
+def _fit_and_score(net, bundle, cfg, out_dir, record, *, objective, resume) -> Run:  # noqa: ANN001
     start = time.perf_counter()
     result = fit(net, bundle, cfg, out_dir, objective=objective, resume=resume)
     train_time = time.perf_counter() - start
@@ -218,7 +305,7 @@ def _train_and_report(net, bundle, cfg, out, record, *, objective, resume) -> Ru
         if result.history:
             plot_history(result.history, out_dir / "training_curves.png", title=str(record["model"].get("name")))
     weights = out_dir / WEIGHTS if out_dir is not None else None
-    results = evaluate(net, bundle, out=out_dir, weights=weights)
+    results = evaluate(net, bundle, weights=weights)
     results.update(
         best_epoch=result.best_epoch,
         best_val_accuracy=result.best_val_accuracy,
@@ -227,8 +314,15 @@ def _train_and_report(net, bundle, cfg, out, record, *, objective, resume) -> Ru
         train_time_s=train_time,
     )
     if out_dir is not None:
-        write_results(out_dir, results)
+        record_results(out_dir, results, bundle)
     return Run(net, out_dir, results, result, record)
+
+
+def record_results(run_dir: Path, results: dict[str, Any], data: DataBundle) -> None:
+    """results.json and confusion_matrix.png: written once, by the command that made the run."""
+    write_results(run_dir, results)
+    plot_confusion(results["confusion_matrix"], list(data.classes), run_dir / CONFUSION,
+                   title=f"{data.name} {results['split']}: accuracy {results['accuracy']:.4f}")
 
 
 def evaluate(
@@ -243,7 +337,10 @@ def evaluate(
     """Accuracy (overall, top-5, per class), confusion matrix, params, size on disk, speed.
 
     `model` is a module or a run directory; with a run directory and no `data`, the data set
-    it was trained on is used. With `out`, writes results.json and confusion_matrix.png there.
+    it was trained on is used. A run directory's evaluation is written beside it (or in `out`)
+    as eval-<split>.json, eval-<data>-<split>.json when `data` is given (kdq.rundir.eval_file),
+    with its confusion matrix as a PNG of the same name; the run's own results.json, written
+    by the command that made it, is never touched. A module's is written only with `out`.
     `weights` names the module's saved weights file, for the size on disk.
     """
     weights_path = weights
@@ -261,10 +358,13 @@ def evaluate(
         else:
             read_model_meta(run_dir)  # a missing or unfinished run fails here, by name
             bundle = _run_data(run_dir, data)
-            model = load_teacher(run_dir, bundle)  # same class and normalisation checks
+            # _run_data checked classes and input shape; another data set's name is allowed here
+            model = _renormalized(*load_model(run_dir), bundle)
             weights_path = run_dir / WEIGHTS
         out = run_dir if out is None else out
+        name = eval_file(split, None if data is None else bundle.name)
     else:
+        name = eval_file(split)
         if data is None:
             raise KdqError("evaluate needs data when given a module: kdq.evaluate(model, data)")
         bundle, _ = resolve_data(data)
@@ -285,9 +385,8 @@ def evaluate(
         results.update(measure_speed(model, part.x[:1].to(device), synchronize=sync))
     results["environment"] = environment(device)
     if out is not None:
-        out = Path(out)
-        write_results(out, results)
-        plot_confusion(results["confusion_matrix"], list(bundle.classes), out / "confusion_matrix.png",
+        path = write_json(Path(out) / name, results)
+        plot_confusion(results["confusion_matrix"], list(bundle.classes), path.with_suffix(".png"),
                        title=f"{bundle.name} {split}: accuracy {results['accuracy']:.4f}")
     return results
 
@@ -301,11 +400,29 @@ def _data_options(run_dir: Path, data: str | DataBundle) -> dict[str, Any]:
 
 
 def _size_on_disk(model: nn.Module, weights_path: Path | None) -> int:
-    """Bytes of the saved safetensors weights (saved to a temporary file when not on disk yet)."""
+    """Bytes of the saved safetensors weights (saved to a temporary file when not on disk yet).
+
+    A quantized module is measured as kdq saves it: int8 values, scales and zero points.
+    """
     if weights_path is not None and weights_path.exists():
         return weights_path.stat().st_size
+    from kdq.quant.serialize import decompose_state
+
+    if getattr(model, "kdq_lowbit", None) is not None and getattr(model, "kdq_spec", None):
+        from kdq.quant.lowbit import pack
+
+        with tempfile.TemporaryDirectory() as tmp:  # its weights at their real bit width
+            return (pack.save_packed(model, tmp) / pack.TENSORS).stat().st_size
+    try:
+        tensors = decompose_state(model)[0]
+    except KdqError:
+        # State kdq cannot store (another library's packed type): measured, never loaded, through
+        # torch's own format, so evaluation still reports a size.
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        return buffer.getbuffer().nbytes
     with tempfile.TemporaryDirectory() as tmp:
-        return save_weights(Path(tmp) / WEIGHTS, model.state_dict()).stat().st_size
+        return save_weights(Path(tmp) / WEIGHTS, tensors).stat().st_size
 
 
 class _QuantizedFormat(NamedTuple):
@@ -332,9 +449,8 @@ def _load_quantized_run(
     run_dir: Path, fmt: _QuantizedFormat, data: str | DataBundle | None
 ) -> tuple[nn.Module, dict[str, Any], DataBundle]:
     """The quantized model, its float model's metadata, and the data, checked to have its classes."""
-    meta = read_json(run_dir / fmt.manifest).get("meta", {})
-    bundle = _run_data(run_dir, data)
-    _check_classes(meta, bundle, run_dir)
+    meta = _manifest_meta(run_dir, fmt)
+    bundle = _run_data(run_dir, data)  # checks the data against this same meta
     return fmt.load(run_dir), meta, bundle
 
 
@@ -345,7 +461,25 @@ def _run_data(run_dir: Path, data: str | DataBundle | None) -> DataBundle:
         if data is None:
             raise KdqError(f"{run_dir} does not record its data set; pass --data NAME")
     bundle, _ = resolve_data(data, **_data_options(run_dir, data))
+    check_data_match(_saved_meta(run_dir), bundle, run_dir)
     return bundle
+
+
+def _saved_meta(run_dir: Path) -> dict[str, Any]:
+    """The data description saved with a run's model: model.json, or a quantized run's manifest."""
+    fmt = _quantized_format(run_dir)
+    if fmt is None:
+        return read_model_meta(run_dir)
+    return _manifest_meta(run_dir, fmt)
+
+
+def _manifest_meta(run_dir: Path, fmt: _QuantizedFormat) -> dict[str, Any]:
+    """The `meta` of a quantized run's manifest, read through its format's checks."""
+    from kdq.quant import serialize
+    from kdq.quant.lowbit import pack
+
+    read = serialize.read_manifest if fmt.kind == "int8" else pack.read_manifest
+    return read(run_dir / fmt.manifest).get("meta", {})
 
 
 def renormalize(x: torch.Tensor, data: DataBundle, meta: dict[str, Any]) -> torch.Tensor:
@@ -356,10 +490,16 @@ def renormalize(x: torch.Tensor, data: DataBundle, meta: dict[str, Any]) -> torc
     return x * scale + shift
 
 
+def check_calibration(batches: int, batch_size: int) -> None:
+    """Both counts are integers >= 1 (a negative size would take a slice from the end)."""
+    for what, value in (("batches", batches), ("batch size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KdqError(f"calibration {what} must be >= 1, got {value!r} (--calibration-{what.replace(' ', '-')})")
+
+
 def calibration_set(data: DataBundle, meta: dict[str, Any], batches: int, batch_size: int) -> torch.Tensor:
     """The first `batches * batch_size` training inputs, clamped (with a warning) to what exists."""
-    if batches < 1:
-        raise KdqError(f"calibration batches must be >= 1, got {batches}")
+    check_calibration(batches, batch_size)
     wanted = batches * batch_size
     if wanted > len(data.train):
         print(f"kdq: warning: {batches} calibration batches of {batch_size} exceed the {len(data.train)} "
@@ -394,6 +534,8 @@ def export(
     run_dir, out = Path(run), Path(out)
     if format not in ("onnx", "packed"):
         raise KdqError(f"format must be onnx or packed, got {format!r}")
+    if int8:
+        check_calibration(calibration_batches, batch_size)  # before the float file is written
     saved = _quantized_format(run_dir)
     kind = saved.kind if saved is not None else "float"
     if format == "packed":
@@ -412,7 +554,11 @@ def export(
     test_x = renormalize(bundle.test.x, bundle, meta)
     float_path = out if not int8 else out.with_name(out.stem + ".float.onnx")
     export_onnx(model, test_x[:2], float_path, meta=meta, verify=False)
-    agreement = check_agreement(model, OrtModel(float_path), test_x)
+    try:
+        agreement = check_agreement(model, OrtModel(float_path), test_x)
+    except KdqError:
+        float_path.unlink(missing_ok=True)  # a file ONNX Runtime cannot run is no export
+        raise
     if agreement["agreement"] < MIN_FLOAT_AGREEMENT:
         float_path.unlink(missing_ok=True)
         raise KdqError(f"ONNX Runtime agrees with PyTorch on only {agreement['agreement']:.2%} of the test set; export refused")

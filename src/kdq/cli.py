@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import yaml
-
-from kdq.engine.config import TrainConfig
-from kdq.errors import KdqError
+from kdq.engine.config import FINE_TUNE_DEFAULTS, QAT_DEFAULTS, QKD_PHASE_EPOCHS, TrainConfig
+from kdq.errors import KdqError, short_repr
+from kdq.io import parse_yaml
 
 EXIT_USAGE = 2
 
@@ -24,20 +24,30 @@ _TRAIN_HELP = {
     "schedule": "cosine, onecycle or constant",
     "warmup_epochs": "linear warm-up length in epochs",
     "patience": "stop after this many epochs without a better validation accuracy",
-    "device": "auto, cpu or cuda",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "seed": "seed of the initial weights, shuffling and augmentation: same seed, same weights (0 to 2**32-1)",
+    "deterministic": "deterministic CUDA kernels too (slower); the CPU needs no flag",
     "amp": "mixed precision on CUDA",
     "augment": "random crop/flip where the data set allows it",
 }
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, defaulting to None so only what the user typed is passed on."""
+def _add_train_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
+                       notes: dict[str, str] | None = None) -> None:
+    """One flag per TrainConfig field, defaulting to None so only what the user typed is passed on.
+
+    `defaults` are the command's own defaults where they differ from TrainConfig's (the same dict
+    the command applies), so --help shows what a run really uses; `notes` add to a flag's help.
+    """
     group = parser.add_argument_group("training options")
+    defaults, notes = defaults or {}, notes or {}
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = _TRAIN_HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
+        default = defaults.get(f.name, f.default)
+        note = f"; {notes[f.name]}" if f.name in notes else ""
+        help_text = _TRAIN_HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {default}{note})"
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -59,14 +69,26 @@ def _parse_model_args(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise KdqError(f"--model-arg {item!r} must look like NAME=VALUE, e.g. width=2")
-        out[key] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise KdqError(f"--model-arg {short_repr(item)} must look like NAME=VALUE, e.g. width=2")
+        if key.strip() in out:
+            raise KdqError(f"--model-arg {short_repr(key.strip())} is given twice; give each option once")
+        out[key.strip()] = parse_yaml(value, f"--model-arg {short_repr(key.strip())}", "write e.g. hidden=[64,32]")
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with kdq's one-line errors (its own print the whole usage first); subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"kdq: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdq", description="Distill, quantize and measure neural networks.")
+    parser = _Parser(prog="kdq", description="Distill, quantize and measure neural networks.")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import this Python module first (repeatable), e.g. one that registers your own "
+                             "models with kdq.models.register_model; it must be on PYTHONPATH")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("datasets", help="list the data sets and where their files are")
@@ -79,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE", help="model keyword argument")
         p.add_argument("--out", required=True, help="run directory to write")
         p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
         if name == "distill":
             p.add_argument("--teacher", required=True, help="the teacher's run directory")
             p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T (default 4)")
@@ -97,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="int8 post-training quantization of a run directory")
     q.add_argument("run", help="run directory of a float model")
     q.add_argument("--out", required=True, help="run directory to write")
+    q.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
     q.add_argument("--method", choices=("static", "dynamic"), default="static",
-                   help="static: int8 weights and activations, calibrated; dynamic: int8 Linear weights only")
+                   help="static: int8 weights and activations, calibrated; "
+                        "dynamic: int8 Linear, LSTM and GRU weights, activations quantized on the fly")
     q.add_argument("--calibration-batches", type=int, default=32, help="training batches to calibrate on (default 32)")
     q.add_argument("--calibration-batch-size", type=int, default=128)
     q.add_argument("--observer", choices=("minmax", "moving_average", "histogram"), default="histogram")
@@ -117,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     qt.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True)
     qt.add_argument("--freeze-bn-epoch", type=int, help="stop updating batch-norm statistics from this epoch")
     qt.add_argument("--freeze-observer-epoch", type=int, help="freeze quantization ranges from this epoch")
-    qt.add_argument("--resume", action="store_true")
+    qt.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    qt.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
     qt.add_argument("--bits", help="low-bit QAT instead of int8: a scheme such as w4a4, w2a2, w1a32 (a32: float activations)")
     qt.add_argument("--quantizer", default="lsq",
                     help="low-bit quantizer: lsq (default), uniform, dorefa, pact (with DoReFa weights), "
@@ -125,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     qt.add_argument("--act-quantizer", help="low-bit activation quantizer, when it differs from --quantizer's")
     qt.add_argument("--first-last-bits", type=int, default=8,
                     help="bits of the first and last layers in low-bit QAT (default 8; 32 keeps them float)")
-    _add_train_options(qt)
+    lowbit_differs = {k: v for k, v in FINE_TUNE_DEFAULTS.items() if QAT_DEFAULTS.get(k) != v}
+    _add_train_options(qt, {**QAT_DEFAULTS, "amp": False},
+                       {"amp": "int8 QAT always trains in fp32; with --bits: True",
+                        **{k: f"with --bits: {v}" for k, v in lowbit_differs.items()}})
 
     rc = sub.add_parser("recipe", help="low-bit recipes: a float run made into several precisions, with a sweep report")
     rc.add_argument("recipe", help="individual, apprentice, takd-chain, qkd or speq (qkd's phases: use a YAML recipe stage)")
@@ -142,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--teacher-bits", help="speq: activation widths the teacher pass draws from, comma-separated (32: float)")
     rc.add_argument("--cosine-weight", type=float, help="speq: weight of the cosine distillation term (default 1)")
     rc.add_argument("--resume", action="store_true", help="keep finished schemes and resume interrupted ones")
-    _add_train_options(rc)
+    rc.add_argument("--overwrite", action="store_true", help="replace the runs already in --out (removed first)")
+    _add_train_options(rc, FINE_TUNE_DEFAULTS, {"epochs": f"qkd: {QKD_PHASE_EPOCHS} per phase"})
 
     ex = sub.add_parser("export", help="export a run directory's model for deployment")
     ex.add_argument("run", help="run directory (float, or int8 from quantize/qat: exported with its own scales)")
@@ -168,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_options(args: argparse.Namespace) -> dict[str, Any]:
     val = args.val_size
+    if val is not None and not (0 < val < 1 or 1 <= val < math.inf):  # nan fails both
+        raise KdqError(f"--val-size must be a count >= 1 or a fraction in (0, 1), got {val:g}")
     return {
         "data_dir": args.data_dir,
         "val_size": int(val) if val is not None and val >= 1 else val,
@@ -183,7 +215,8 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_results(results: dict[str, Any]) -> None:
-    keys = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "runtime", "precision", "bits")
+    keys = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "latency_ms_batch1_iqr", "throughput_per_s",
+            "runtime", "precision", "bits")
     print(json.dumps({k: results[k] for k in keys if k in results}, indent=2))
 
 
@@ -214,7 +247,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from kdq import api
 
-    common = dict(out=args.out, resume=args.resume, model_kwargs=_parse_model_args(args.model_arg),
+    common = dict(out=args.out, resume=args.resume, overwrite=args.overwrite, model_kwargs=_parse_model_args(args.model_arg),
                   data_options=_data_options(args), **_train_options(args))
     if args.command == "train":
         run = api.train(args.model, args.data, **common)
@@ -227,6 +260,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from kdq import api
+    from kdq.rundir import eval_file
 
     data = None
     if args.data is not None:
@@ -238,7 +272,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         return
     results = api.evaluate(args.run, data, split=args.split, speed=not args.no_speed)
     _print_results(results)
-    print(f"wrote {Path(args.run) / 'results.json'} and confusion_matrix.png", file=sys.stderr)
+    # the run's own results.json stays as the command that made it wrote it
+    written = Path(args.run) / eval_file(args.split, None if data is None else data.name)
+    print(f"wrote {written} and {written.with_suffix('.png').name}", file=sys.stderr)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
@@ -246,13 +282,14 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
     results = quantize(args.run, args.out, method=args.method, calibration_batches=args.calibration_batches,
                        batch_size=args.calibration_batch_size, backend=args.backend, observer=args.observer,
-                       per_channel=args.per_channel, skip=args.skip)
+                       per_channel=args.per_channel, skip=args.skip, overwrite=args.overwrite)
     _print_results(results)
     print(f"wrote {args.out}/ (quantized.safetensors, quantized.json, results.json)", file=sys.stderr)
 
 
 def _cmd_qat(args: argparse.Namespace) -> None:
     common = dict(teacher=args.teacher, temperature=args.temperature, alpha=args.alpha, resume=args.resume,
+                  overwrite=args.overwrite,
                   **_train_options(args))
     if args.bits:
         from kdq.lowbit_api import lowbit_qat
@@ -290,7 +327,7 @@ def _cmd_recipe(args: argparse.Namespace) -> None:
     if args.first_last_bits is not None:
         options["first_last_bits"] = None if args.first_last_bits == 32 else args.first_last_bits
     rows = sweep(args.recipe, args.run, args.out, seeds=_int_list(args.seeds, "--seeds"), bits=args.bits.split(","),
-                 resume=args.resume, **options, **_train_options(args))
+                 resume=args.resume, overwrite=args.overwrite, **options, **_train_options(args))
     print(write_report(rows, args.out, read_results(args.run).get("accuracy"), f"{args.recipe}: accuracy against bit width",
                        str(args.run)), end="")
     print(f"wrote {args.out}/ (seed<k>/<scheme>/ run directories, sweep.md, sweep.png)", file=sys.stderr)
@@ -326,12 +363,43 @@ COMMANDS = {
 }
 
 
+def import_user_modules(names: list[str]) -> None:
+    """Import the modules the user named with --import (their code registers models).
+
+    Only names typed on the command line are imported, never one read from a file.
+    """
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise KdqError(f"--import {name}: {exc}; put the module's folder on PYTHONPATH "
+                           f"(e.g. PYTHONPATH=. kdq --import {name} ...) or install its package") from None
+        except KdqError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's own code may raise anything on import
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise KdqError(f"--import {name}: importing it failed ({type(exc).__name__}: {first}); fix that module") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        import_user_modules(args.imports)
+        if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+            raise KdqError("--resume continues the run in --out and --overwrite replaces it; give one of them")
         COMMANDS[args.command](args)
     except KdqError as exc:
         print(f"kdq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # what the readers and atomic_write did not already name: the file and the reason
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"kdq: error: cannot access{where}: {exc.strerror or exc}; free space, fix permissions or choose "
+              "another --out", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("kdq: error: out of memory; use a smaller --batch-size, --subset or model", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("kdq: interrupted; rerun the same command with --resume (kdq run resumes by itself)", file=sys.stderr)

@@ -8,9 +8,10 @@ from typing import Any
 
 from kdq import api
 from kdq.config import Experiment, Stage
+from kdq.errors import KdqError
 from kdq.io import read_json, write_json, write_text
 from kdq.report.table import human_bytes, markdown_table
-from kdq.rundir import read_results
+from kdq.rundir import check_claim, claim, read_results
 
 STAGE_FILE = "stage.json"
 COLUMNS = (
@@ -20,7 +21,7 @@ COLUMNS = (
     ("params", "params"),
     ("size", "size"),
     ("accuracy", "accuracy"),
-    ("latency", "latency b=1 (ms)"),
+    ("latency", "latency b=1 (ms, median ± IQR/2)"),
     ("throughput", "throughput (img/s)"),
     ("train_time", "train time (s)"),
 )
@@ -31,10 +32,36 @@ def run_experiment(exp: Experiment, out: str | Path | None = None) -> dict[str, 
 
     A stage whose directory already holds finished results for the same configuration is
     reused, and an interrupted one resumes from its last checkpoint: rerunning the same
-    command after a crash loses nothing that was finished.
+    command after a crash loses nothing that was finished. A stage whose configuration
+    changed is run again from scratch. A stage directory that this experiment did not write
+    (no stage.json) is refused before any stage runs.
     """
     root = Path(out or exp.out or Path("runs") / exp.name)
     bundle, data_record = api.resolve_data(exp.data["name"], **{k: v for k, v in exp.data.items() if k != "name"})
+    check_claim(root, "experiment", resume=True)
+    for stage in exp.stages:
+        ours = (root / stage.name / STAGE_FILE).exists()
+        check_claim(root / stage.name, _run_kind(stage), resume=ours, overwrite=ours)
+    with claim(root, "experiment", "run", resume=True):  # kdq run always continues its own folder
+        return _run_stages(exp, root, bundle, data_record)
+
+
+def _run_kind(stage: Stage) -> str:
+    """The kind of run directory a stage writes (kdq.rundir.KINDS)."""
+    if stage.kind == "qat" and "bits" in stage.quant:
+        return "lowbit"
+    return {"train": "float", "distill": "float", "quantize": "int8", "qat": "int8", "recipe": "recipe"}[stage.kind]
+
+
+def _claim_stage(stage: Stage, stage_dir: Path, same: bool):  # noqa: ANN202
+    """Claim a stage's directory: resumed when its configuration is unchanged, else replaced
+    (only when stage.json says this experiment wrote it; quantize has nothing to resume)."""
+    ours = (stage_dir / STAGE_FILE).exists()
+    return claim(stage_dir, _run_kind(stage), "run", resume=same,
+                 overwrite=ours and (not same or stage.kind == "quantize"))
+
+
+def _run_stages(exp: Experiment, root: Path, bundle, data_record: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     results: dict[str, dict[str, Any]] = {}
     sweep_rows: list[dict[str, Any]] = []
     for stage in exp.stages:
@@ -71,6 +98,27 @@ def _fingerprint(stage: Stage, data_record: dict[str, Any], teacher: str | None)
     }
 
 
+def _same_fingerprint(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """Whether the stage directory was made by this configuration; an unreadable stage.json
+    (torn, garbage) counts as another configuration, so the stage is redone, never reused."""
+    if not (stage_dir / STAGE_FILE).exists():
+        return False
+    try:
+        return read_json(stage_dir / STAGE_FILE, fix=f"running stage {stage_dir.name} again") == fingerprint
+    except KdqError as exc:
+        print(f"kdq: warning: {exc}", file=sys.stderr)
+        return False
+
+
+def _finished_results(stage_dir: Path) -> dict[str, Any]:
+    """The stage's results, or {} (unfinished: it resumes) when results.json is missing or unreadable."""
+    try:
+        return read_results(stage_dir)
+    except KdqError as exc:
+        print(f"kdq: warning: {exc}; treating stage {stage_dir.name} as unfinished", file=sys.stderr)
+        return {}
+
+
 def _resolve_teacher(stage: Stage, root: Path, earlier: dict[str, Any]) -> str | None:
     if stage.teacher is None:
         return None
@@ -84,13 +132,14 @@ def _run_recipe(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pa
 
     teacher = _resolve_teacher(stage, root, earlier)
     fingerprint = _fingerprint(stage, data_record, teacher)
-    same = read_json(stage_dir / STAGE_FILE) == fingerprint if (stage_dir / STAGE_FILE).exists() else False
-    write_json(stage_dir / STAGE_FILE, fingerprint)
+    same = _same_fingerprint(stage_dir, fingerprint)
     options = {k: v for k, v in stage.quant.items() if k not in ("recipe", "seeds")}
     if teacher is not None:
         options["teacher"] = teacher
-    return sweep(stage.quant["recipe"], root / stage.source, stage_dir, seeds=stage.quant["seeds"],
-                 data=bundle, resume=same, **options)
+    with _claim_stage(stage, stage_dir, same):
+        write_json(stage_dir / STAGE_FILE, fingerprint)
+        return sweep(stage.quant["recipe"], root / stage.source, stage_dir, seeds=stage.quant["seeds"],
+                     data=bundle, resume=same, **options)
 
 
 def _sweep_report(exp: Experiment, rows: list[dict[str, Any]], results: dict[str, Any], root: Path) -> str:
@@ -106,33 +155,34 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
     teacher = _resolve_teacher(stage, root, earlier)
     options = stage.train.to_dict()
     fingerprint = _fingerprint(stage, data_record, teacher)
-    same = read_json(stage_dir / STAGE_FILE) == fingerprint if (stage_dir / STAGE_FILE).exists() else False
-    finished = read_results(stage_dir)
+    same = _same_fingerprint(stage_dir, fingerprint)
+    finished = _finished_results(stage_dir) if same else {}
     if same and finished:
         print(f"   reusing finished stage {stage.name} (delete {stage_dir} to retrain)", file=sys.stderr)
         return {**finished, "arch": _arch(stage)}
-    write_json(stage_dir / STAGE_FILE, fingerprint)
-    if stage.kind in ("quantize", "qat"):
-        from kdq.lowbit_api import lowbit_qat
-        from kdq.quantize_api import qat, quantize
+    with _claim_stage(stage, stage_dir, same):
+        write_json(stage_dir / STAGE_FILE, fingerprint)
+        if stage.kind in ("quantize", "qat"):
+            from kdq.lowbit_api import lowbit_qat
+            from kdq.quantize_api import qat, quantize
 
-        source = root / stage.source
-        options = dict(stage.quant)
-        if stage.kind == "quantize":
-            results = quantize(source, stage_dir, data=bundle, **options)
+            source = root / stage.source
+            options = dict(stage.quant)
+            if stage.kind == "quantize":
+                results = quantize(source, stage_dir, data=bundle, **options)
+            else:
+                train = options.pop("train", {})
+                fine_tune = lowbit_qat if "bits" in options else qat  # a qat stage with bits is low-bit
+                results = fine_tune(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
+                                    resume=same, data=bundle, **options, **train)
+            return {**results, "arch": _arch(stage)}
+        common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
+        if stage.kind == "train":
+            run = api.train(stage.model, bundle, **common)
         else:
-            train = options.pop("train", {})
-            fine_tune = lowbit_qat if "bits" in options else qat  # a qat stage with bits is low-bit
-            results = fine_tune(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
-                                resume=same, data=bundle, **options, **train)
-        return {**results, "arch": _arch(stage)}
-    common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
-    if stage.kind == "train":
-        run = api.train(stage.model, bundle, **common)
-    else:
-        run = api.distill(stage.model, teacher, bundle, temperature=stage.temperature, alpha=stage.alpha,
-                          teacher_mode=stage.teacher_mode, **common)
-    return {**run.results, "arch": _arch(stage)}
+            run = api.distill(stage.model, teacher, bundle, temperature=stage.temperature, alpha=stage.alpha,
+                              teacher_mode=stage.teacher_mode, **common)
+        return {**run.results, "arch": _arch(stage)}
 
 
 def _arch(stage: Stage) -> str:
@@ -142,6 +192,38 @@ def _arch(stage: Stage) -> str:
     if stage.kind == "qat":
         return f"{stage.model} {stage.quant.get('bits', 'int8')}"
     return stage.model
+
+
+def _latency_cell(r: dict[str, Any]) -> str:
+    """Median batch-1 latency, with half its interquartile range where it was recorded."""
+    iqr = r.get("latency_ms_batch1_iqr")
+    median = f"{r['latency_ms_batch1']:.3f}"
+    return median if iqr is None else f"{median} ± {iqr / 2:.3f}"
+
+
+def _times(ours: float, theirs: float, smaller: str, larger: str, same: str) -> str | None:
+    """'2.0x fewer parameters' or '1.3x more parameters': `ours` against `theirs`, either way round."""
+    if not ours or not theirs:
+        return None  # nothing to divide by (a missing measurement)
+    ratio = theirs / ours if ours <= theirs else ours / theirs
+    if f"{ratio:.1f}" == "1.0":
+        return same
+    return f"{ratio:.1f}x {smaller if ours < theirs else larger}"
+
+
+def student_vs_teacher(student: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
+    """The summary's comparison phrases, each worded in the direction the numbers go."""
+    points = (student["accuracy"] - teacher["accuracy"]) * 100
+    accuracy = ("as accurate" if f"{abs(points):.2f}" == "0.00"
+                else f"{abs(points):.2f} points {'more' if points > 0 else 'less'} accurate")
+    phrases = [
+        _times(student.get("params"), teacher.get("params"), "fewer parameters", "more parameters", "as many parameters"),
+        _times(student.get("size_bytes"), teacher.get("size_bytes"), "smaller on disk", "larger on disk", "the same size on disk"),
+        _times(student.get("latency_ms_batch1"), teacher.get("latency_ms_batch1"), "lower batch-1 latency",
+               "higher batch-1 latency", "the same batch-1 latency"),
+        accuracy,
+    ]
+    return [p for p in phrases if p is not None]
 
 
 def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -154,7 +236,7 @@ def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, 
             "params": f"{r['params']:,}",
             "size": human_bytes(r["size_bytes"]),
             "accuracy": f"{r['accuracy']:.4f}",
-            "latency": f"{r['latency_ms_batch1']:.3f}",
+            "latency": _latency_cell(r),
             "throughput": f"{r['throughput_per_s']:.0f}",
             "train_time": f"{r.get('train_time_s', 0):.0f}",
         })
@@ -169,12 +251,7 @@ def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, 
         )
     if "teacher" in compare and "student" in compare:
         teacher, student = results[compare["teacher"]], results[compare["student"]]
-        notes.append(
-            f"student vs teacher: {teacher['params'] / student['params']:.1f}x fewer parameters, "
-            f"{teacher['size_bytes'] / student['size_bytes']:.1f}x smaller on disk, "
-            f"{teacher['latency_ms_batch1'] / student['latency_ms_batch1']:.1f}x lower batch-1 latency, "
-            f"{(teacher['accuracy'] - student['accuracy']) * 100:.2f} points less accurate"
-        )
+        notes.append("student vs teacher: " + ", ".join(student_vs_teacher(student, teacher)))
     # int8 rows run on the CPU even where float rows ran on a GPU: name every processor used
     devices = dict.fromkeys(r["environment"]["device"] for r in results.values())
     env = next(iter(results.values()))["environment"]

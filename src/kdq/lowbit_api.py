@@ -14,18 +14,19 @@ from typing import Any
 
 from torch import nn
 
-from kdq.api import _renormalized, _run_data, evaluate, load_teacher
+from kdq.api import _renormalized, _run_data, evaluate, load_teacher, record_results
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, fit
+from kdq.engine.config import FINE_TUNE_DEFAULTS
 from kdq.engine.train import BEST
 from kdq.errors import KdqError
-from kdq.io import load_weights, read_json
+from kdq.io import load_weights
 from kdq.models import create_model
 from kdq.quant.lowbit import LowBitConfig, quantize_lowbit, save_packed
-from kdq.quant.lowbit.pack import MANIFEST, TENSORS
+from kdq.quant.lowbit.pack import MANIFEST, TENSORS, read_manifest
 from kdq.quantize_api import _data_record, _spec
-from kdq.rundir import load_model, write_config, write_results
+from kdq.rundir import claim, load_model, write_config
 
 # A quantizer that handles one role only is paired with the usual partner for the other:
 # PACT activations with DoReFa weights (as in the PACT paper), binary/ternary weights with LSQ
@@ -54,13 +55,15 @@ def lowbit_qat(
     temperature: float = 4.0,
     alpha: float = 0.7,
     resume: bool = False,
+    overwrite: bool = False,
     data: str | DataBundle | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune a run's model at `bits` (e.g. "w4a4") with fake quantization; save it packed.
 
     `run` is a float run, or a low-bit run whose latent float weights start this one (how
-    the teacher-assistant chain passes each precision on to the next).
+    the teacher-assistant chain passes each precision on to the next). `out` must be new or
+    empty, unless `resume` continues the run there or `overwrite` replaces it.
     """
     run = Path(run)
     config = lowbit_config(bits, quantizer, act_quantizer, first_last_bits)
@@ -72,12 +75,12 @@ def lowbit_qat(
     record = {"command": "qat-lowbit", "source": str(run), "bits": bits, "lowbit": config.to_dict(),
               "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha}
     return train_lowbit(quantize_lowbit(model, config), out, data, meta, cfg, record,
-                        objective=objective, resume=resume, float_params=count_params(model))
+                        objective=objective, resume=resume, overwrite=overwrite, float_params=count_params(model))
 
 
 def fine_tune_config(options: dict[str, Any]) -> TrainConfig:
     """Training options for fine-tuning float weights: short, moderate lr, no warm-up."""
-    return TrainConfig.from_dict({"epochs": 3, "lr": 0.01, "warmup_epochs": 0.0, **options})
+    return TrainConfig.from_dict({**FINE_TUNE_DEFAULTS, **options})
 
 
 def lowbit_source(run: str | Path, data: str | DataBundle | None) -> tuple[nn.Module, dict[str, Any], DataBundle]:
@@ -94,7 +97,7 @@ def lowbit_source(run: str | Path, data: str | DataBundle | None) -> tuple[nn.Mo
     if not (run / BEST).exists():
         raise KdqError(f"{run} holds a packed low-bit model without its latent weights ({BEST}); "
                        "start from the float run it was made from, or rerun that stage")
-    manifest = read_json(run / MANIFEST)
+    manifest = read_manifest(run / MANIFEST)
     model = create_model(**manifest["spec"])
     floats = model.state_dict()
     state = {k: v for k, v in load_weights(run / BEST).items() if k in floats}
@@ -112,6 +115,7 @@ def train_lowbit(
     *,
     objective: Any = None,
     resume: bool = False,
+    overwrite: bool = False,
     float_params: int,
     started: float | None = None,
 ) -> dict[str, Any]:
@@ -121,13 +125,20 @@ def train_lowbit(
     count earlier phases too. Returns the results, also written to results.json.
     """
     out = Path(out)
-    write_config(out, {**record, "train": cfg.to_dict(), "data": _data_record(data)})
-    start = time.perf_counter() if started is None else started
-    result = fit(qmodel, data, cfg, out, objective=objective, resume=resume)
-    save_packed(qmodel.cpu(), out, meta={**meta, "float_params": float_params})
-    results = evaluate(_renormalized(qmodel, meta, data), data, out=out, weights=out / TENSORS)
-    results.update(runtime="pytorch-fakequant", bits=record.get("bits"), quantizer=qmodel.kdq_lowbit["config"],
-                   params=float_params, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
-                   train_time_s=time.perf_counter() - start)
-    write_results(out, results)
+    record = run_record(record, cfg, data)
+    with claim(out, "lowbit", record["command"], resume=resume, overwrite=overwrite, record=record):
+        write_config(out, record)
+        start = time.perf_counter() if started is None else started
+        result = fit(qmodel, data, cfg, out, objective=objective, resume=resume)
+        save_packed(qmodel.cpu(), out, meta={**meta, "float_params": float_params})
+        results = evaluate(_renormalized(qmodel, meta, data), data, weights=out / TENSORS)
+        results.update(runtime="pytorch-fakequant", bits=record.get("bits"), quantizer=qmodel.kdq_lowbit["config"],
+                       params=float_params, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
+                       train_time_s=time.perf_counter() - start)
+        record_results(out, results, data)
     return results
+
+
+def run_record(record: dict[str, Any], cfg: TrainConfig, data: DataBundle) -> dict[str, Any]:
+    """A low-bit run's config.yaml: `record` with its training options and data."""
+    return {**record, "train": cfg.to_dict(), "data": _data_record(data)}

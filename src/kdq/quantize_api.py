@@ -15,10 +15,11 @@ from typing import Any
 
 from torch import nn
 
-from kdq.api import _renormalized, _run_data, calibration_set, evaluate, load_teacher, resolve_data
+from kdq.api import _renormalized, _run_data, calibration_set, evaluate, load_teacher, record_results, resolve_data
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, fit
+from kdq.engine.config import QAT_DEFAULTS
 from kdq.errors import KdqError
 from kdq.quant import (
     apply_qat_freeze,
@@ -30,7 +31,7 @@ from kdq.quant import (
     save_quantized,
 )
 from kdq.quant.serialize import TENSORS
-from kdq.rundir import load_model, write_config, write_results
+from kdq.rundir import claim, load_model, write_config
 
 METHODS = ("static", "dynamic")
 
@@ -46,13 +47,12 @@ def _data_record(data: DataBundle) -> dict[str, Any]:
     return resolve_data(data)[1]  # name plus load options, so later commands load the same data
 
 
-def _finish(out: Path, qmodel: nn.Module, float_model: nn.Module, spec, meta, record, data) -> dict[str, Any]:  # noqa: ANN001
+def _finish(out: Path, qmodel: nn.Module, float_model: nn.Module, spec, meta, data) -> dict[str, Any]:  # noqa: ANN001
+    """Save the int8 model and score it; the caller adds its own keys and writes results.json once."""
     save_quantized(out, spec, qmodel, meta={**meta, "float_params": count_params(float_model)})
-    write_config(out, record)
     # in the model's own input units, exactly as `kdq evaluate` will reload and score it
-    results = evaluate(_renormalized(qmodel, meta, data), data, out=out, weights=out / TENSORS)
+    results = evaluate(_renormalized(qmodel, meta, data), data, weights=out / TENSORS)
     results.update(runtime="pytorch-int8", backend=qmodel.kdq_quant.get("backend"), params=count_params(float_model))
-    write_results(out, results)
     return results
 
 
@@ -68,10 +68,12 @@ def quantize(
     per_channel: bool = True,
     skip: tuple[str, ...] | list[str] = (),
     data: str | DataBundle | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Post-training int8 quantization of a run directory's model into the run directory `out`.
 
     Calibration and evaluation use the run's own data set and options unless `data` is given.
+    `out` must be new or empty unless `overwrite` replaces the run there.
     """
     if method not in METHODS:
         raise KdqError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -87,7 +89,11 @@ def quantize(
     record = {"command": "quantize", "source": str(run), "method": method, "backend": backend, "observer": observer,
               "per_channel": per_channel, "skip": list(skip), "calibration_batches": calibration_batches,
               "batch_size": batch_size, "data": _data_record(data)}
-    return _finish(out, qmodel, model, spec, meta, record, data)
+    with claim(out, "int8", "quantize", overwrite=overwrite):
+        write_config(out, record)
+        results = _finish(out, qmodel, model, spec, meta, data)
+        record_results(out, results, data)
+    return results
 
 
 def qat(
@@ -102,14 +108,18 @@ def qat(
     freeze_bn_epoch: int | None = None,
     freeze_observer_epoch: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     data: str | DataBundle | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Quantization-aware fine-tuning of a run's model (optionally distilled from `teacher`), then int8."""
+    """Quantization-aware fine-tuning of a run's model (optionally distilled from `teacher`), then int8.
+
+    `out` must be new or empty, unless `resume` continues the run there or `overwrite` replaces it.
+    """
     run, out = Path(run), Path(out)
     # fine-tuning: short and gentle; fp32 throughout, because fake quantization's fused observer
     # kernels reject the fp16 activations that CUDA autocast would hand them
-    options = {"epochs": 3, "lr": 0.005, "warmup_epochs": 0.0, **options, "amp": False}
+    options = {**QAT_DEFAULTS, **options, "amp": False}
     cfg = TrainConfig.from_dict(options)
     model, meta = load_model(run)
     spec = _spec(model, run)
@@ -122,16 +132,17 @@ def qat(
               "freeze_bn_epoch": freeze_bn_epoch, "freeze_observer_epoch": freeze_observer_epoch,
               "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha,
               "train": cfg.to_dict(), "data": _data_record(data)}
-    write_config(out, record)
-    start = time.perf_counter()
     callback = qat_freeze_callback(qat_model, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)
-    result = fit(qat_model, data, cfg, out, objective=objective, resume=resume, on_epoch_start=callback)
-    # restoring the best epoch's state can switch observers back on; the schedule decides
-    apply_qat_freeze(qat_model, cfg.epochs, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)
-    qmodel = convert_qat(qat_model.cpu())
-    results = _finish(out, qmodel, model, spec, meta, record, data)
-    results.update(best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
-                   train_time_s=time.perf_counter() - start)
-    write_results(out, results)
+    with claim(out, "int8", "qat", resume=resume, overwrite=overwrite, record=record):
+        write_config(out, record)
+        start = time.perf_counter()
+        result = fit(qat_model, data, cfg, out, objective=objective, resume=resume, on_epoch_start=callback)
+        # restoring the best epoch's state can switch observers back on; the schedule decides
+        apply_qat_freeze(qat_model, cfg.epochs, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)
+        qmodel = convert_qat(qat_model.cpu())
+        results = _finish(out, qmodel, model, spec, meta, data)
+        results.update(best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
+                       train_time_s=time.perf_counter() - start)
+        record_results(out, results, data)
     return results
 

@@ -25,6 +25,7 @@ scheme that already has results is kept and an interrupted one continues from it
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -40,14 +41,15 @@ from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import count_params, fit
 from kdq.config import TRAIN_KEYS
+from kdq.engine.config import QKD_PHASE_EPOCHS, SEED_MAX
 from kdq.engine.train import BEST
 from kdq.errors import KdqError, suggest
 from kdq.io import load_weights, write_json, write_text
-from kdq.lowbit_api import fine_tune_config, lowbit_config, lowbit_qat, lowbit_source, train_lowbit
+from kdq.lowbit_api import fine_tune_config, lowbit_config, lowbit_qat, lowbit_source, run_record, train_lowbit
 from kdq.quant.lowbit import quantize_lowbit
 from kdq.quant.lowbit.layers import lowbit_layers
 from kdq.registry import Registry
-from kdq.rundir import read_results
+from kdq.rundir import check_name, claim, read_results
 
 RECIPES = Registry("recipe")
 PHASES = ("self_studying", "co_studying", "tutoring")
@@ -55,29 +57,39 @@ PHASE_FILE = "phase.json"
 FLOAT_BITS = 32  # in teacher_bits: leave that layer's activations float
 
 
-def run_recipe(name: str, source: str | Path, out: str | Path, **options: Any) -> dict[str, dict[str, Any]]:
-    """Run recipe `name` (see RECIPES) from float run `source` into `out`; {scheme: results}."""
+def run_recipe(name: str, source: str | Path, out: str | Path, *, overwrite: bool = False,
+               **options: Any) -> dict[str, dict[str, Any]]:
+    """Run recipe `name` (see RECIPES) from float run `source` into `out`; {scheme: results}.
+
+    `out` must be new or empty, unless `resume=True` keeps its finished schemes (and resumes
+    interrupted ones) or `overwrite` replaces it.
+    """
     check_recipe(name, options)
-    return RECIPES.get(name)(source, out, **options)
+    with claim(out, "recipe", "recipe", resume=bool(options.get("resume")), overwrite=overwrite):
+        return RECIPES.get(name)(source, out, **options)
 
 
-def sweep(name: str, source: str | Path, out: str | Path, *, seeds: Sequence[int] = (0,),
+def sweep(name: str, source: str | Path, out: str | Path, *, seeds: Sequence[int] = (0,), overwrite: bool = False,
           **options: Any) -> list[dict[str, Any]]:
     """Run a recipe once per seed into out/seed<k>; one report row per (scheme, seed).
 
     Rows are what `kdq.report.sweep` tabulates and plots: recipe, bits, seed, accuracy,
-    size_bytes and the float model's float_size_bytes.
+    size_bytes and the float model's float_size_bytes. `resume` and `overwrite` as in run_recipe.
     """
     seeds = list(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise KdqError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in seeds):
+        raise KdqError(f"seeds must be a non-empty list of integers from 0 to {SEED_MAX}, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise KdqError(f"seeds lists a seed twice: {seeds}; a repeated seed repeats the same run, so give different seeds")
+    check_recipe(name, {**options, "seed": seeds[0]})  # before anything is written
     float_size = read_results(source).get("size_bytes")
     rows = []
-    for seed in seeds:
-        results = run_recipe(name, source, Path(out) / f"seed{seed}", **{**options, "seed": seed})
-        rows += [{"recipe": name, "bits": scheme, "seed": seed, "accuracy": r["accuracy"],
-                  "size_bytes": r["size_bytes"], "float_size_bytes": float_size, "run": r.get("run_dir")}
-                 for scheme, r in results.items()]
+    with claim(out, "recipe", "recipe", resume=bool(options.get("resume")), overwrite=overwrite):
+        for seed in seeds:
+            results = run_recipe(name, source, Path(out) / f"seed{seed}", **{**options, "seed": seed})
+            rows += [{"recipe": name, "bits": scheme, "seed": seed, "accuracy": r["accuracy"],
+                      "size_bytes": r["size_bytes"], "float_size_bytes": float_size, "run": r.get("run_dir")}
+                     for scheme, r in results.items()]
     return rows
 
 
@@ -122,6 +134,11 @@ def check_recipe(name: str, options: dict[str, Any]) -> None:
     if name == "speq":
         for scheme in schemes:
             _teacher_bits(lowbit_config(scheme).act_bits, options.get("teacher_bits"))
+        weight = options.get("cosine_weight", 1.0)
+        if not (isinstance(weight, (int, float)) and 0 <= weight < math.inf):
+            raise KdqError(f"cosine_weight must be a finite number >= 0, got {weight!r}")
+    # inf or nan here would train to nan: refused before anything is written (KDLoss's own checks)
+    KDLoss(options.get("temperature", 1.0), options.get("alpha", 0.7))
 
 
 def _schemes(bits: Any) -> list[str]:
@@ -130,6 +147,8 @@ def _schemes(bits: Any) -> list[str]:
         raise KdqError(f"bits must be a scheme such as w4a4 or a list of them, got {bits!r}")
     if len(set(schemes)) != len(schemes):
         raise KdqError(f"bits lists a scheme twice: {schemes}; each scheme gets one run directory")
+    for scheme in schemes:  # each names a folder: out/<scheme>
+        check_name(scheme, "bits scheme")
     return list(schemes)
 
 
@@ -244,20 +263,23 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
         done = _finished(run_dir, resume)
         if done is None:
             started = time.perf_counter()  # train_time_s covers all three phases
-            cfg = {p: fine_tune_config({"epochs": 1, **train, **(phases.get(p) or {})}) for p in PHASES}
+            cfg = {p: fine_tune_config({"epochs": QKD_PHASE_EPOCHS, **train, **(phases.get(p) or {})}) for p in PHASES}
             config = lowbit_config(scheme, quantizer, act_quantizer, first_last_bits)
             model, meta, bundle = lowbit_source(source, data)
             student = quantize_lowbit(model, config)
             loss = KDLoss(temperature, alpha)
-            _phase(student, run_dir / "self_studying", bundle, cfg["self_studying"], None, resume)
-            pair = CoStudy(load_teacher(teacher, bundle), student)
-            _phase(pair, run_dir / "co_studying", bundle, cfg["co_studying"], MutualKD(pair, loss), resume)
+            teacher_net = load_teacher(teacher, bundle)
             record = {"command": "recipe", "recipe": "qkd", "source": str(source), "teacher": str(teacher),
                       "bits": scheme, "lowbit": config.to_dict(), "temperature": temperature, "alpha": alpha,
                       "phases": {p: c.to_dict() for p, c in cfg.items()}}
-            tutor = Distiller(pair.teacher, loss, "online", cfg["tutoring"].eval_batch_size)
-            done = train_lowbit(student, run_dir, bundle, meta, cfg["tutoring"], record, objective=tutor,
-                                resume=resume, float_params=count_params(model), started=started)
+            # the phases write inside the scheme's run directory: claim it before the first
+            with claim(run_dir, "lowbit", "recipe", resume=resume, record=run_record(record, cfg["tutoring"], bundle)):
+                _phase(student, run_dir / "self_studying", bundle, cfg["self_studying"], None, resume)
+                pair = CoStudy(teacher_net, student)
+                _phase(pair, run_dir / "co_studying", bundle, cfg["co_studying"], MutualKD(pair, loss), resume)
+                tutor = Distiller(pair.teacher, loss, "online", cfg["tutoring"].eval_batch_size)
+                done = train_lowbit(student, run_dir, bundle, meta, cfg["tutoring"], record, objective=tutor,
+                                    resume=resume, float_params=count_params(model), started=started)
         results[scheme] = {**done, "run_dir": str(run_dir)}
     return results
 
@@ -314,8 +336,8 @@ class StochasticPrecision:
 
     def __init__(self, model: nn.Module, act_bits: int, choices: Sequence[int], temperature: float = 1.0,
                  cosine_weight: float = 1.0, seed: int = 0) -> None:
-        if not temperature > 0 or not cosine_weight >= 0:
-            raise KdqError(f"speq needs temperature > 0 and cosine_weight >= 0, got {temperature} and {cosine_weight}")
+        if not (0 < temperature < math.inf and 0 <= cosine_weight < math.inf):
+            raise KdqError(f"speq needs a finite temperature > 0 and cosine_weight >= 0, got {temperature} and {cosine_weight}")
         self.model, self.choices = model, list(choices)
         self.layers = [layer for layer in lowbit_layers(model).values()
                        if layer.act_quantizer is not None and layer.act_quantizer.bits == act_bits]

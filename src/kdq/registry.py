@@ -6,7 +6,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from kdq.errors import KdqError, suggest
+from kdq.errors import KdqError, short_repr, suggest
 
 T = TypeVar("T")
 
@@ -14,9 +14,10 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to factories; `get` fails with the closest names suggested."""
 
-    def __init__(self, kind: str, list_command: str | None = None) -> None:
+    def __init__(self, kind: str, list_command: str | None = None, hint: str = "") -> None:
         self.kind = kind
         self.list_command = list_command
+        self.hint = hint  # appended to the unknown-name error
         self._items: dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -35,7 +36,7 @@ class Registry(Generic[T]):
         except KeyError:
             hint = f"; run `{self.list_command}` to see them all" if self.list_command else ""
             raise KdqError(
-                f"unknown {self.kind} {name!r}{suggest(name, self._items)}{hint}"
+                f"unknown {self.kind} {short_repr(name)}{suggest(str(name), self._items)}{hint}{self.hint}"
             ) from None
 
     def names(self, pattern: str = "*") -> list[str]:

@@ -130,3 +130,77 @@ def test_cifar_archive_that_is_not_a_tarball(tmp_path, datafiles):
     (tmp_path / datafiles.CIFAR["cifar100"]["archive"]).write_bytes(gzip.compress(b"not a tar"))
     with pytest.raises(KdqError, match="damaged CIFAR archive"):
         load_dataset("cifar100", tmp_path, download=False)
+
+
+# ---- hostile IDX files: sizes from the header are checked before reading, .gz is streamed
+
+
+def _gzip_stream(path, header: bytes, zeros: int) -> None:
+    """A .gz of `header` then `zeros` zero bytes, written in chunks (50 MB of zeros is ~50 KB)."""
+    chunk = b"\0" * (1 << 20)
+    with gzip.open(path, "wb") as f:
+        f.write(header)
+        for start in range(0, zeros, len(chunk)):
+            f.write(chunk[: min(len(chunk), zeros - start)])
+
+
+def test_gz_header_claiming_gigabytes_is_refused_before_reading(tmp_path, datafiles):
+    import struct
+
+    datafiles.write_mnist(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    _gzip_stream(path, bytes([0, 0, 8, 3]) + struct.pack(">3I", 1 << 20, 64, 64), 1 << 20)  # claims 4 GiB
+    with pytest.raises(KdqError, match=r"header claims an array of \(1048576, 64, 64\)") as e:
+        load_dataset("mnist", tmp_path, download=False)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gz_zero_bomb_after_the_data_is_never_inflated(tmp_path, datafiles):
+    import struct
+    import tracemalloc
+
+    datafiles.write_mnist(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    # the header matches the 60 labels; 50 MB of zeros follow the 60 x 28 x 28 bytes it describes
+    _gzip_stream(path, bytes([0, 0, 8, 3]) + struct.pack(">3I", 60, 28, 28), 50 << 20)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(KdqError, match="more data than its header's"):
+            load_dataset("mnist", tmp_path, download=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20  # the whole file inflated would be a 50 MB bytes object
+
+
+def test_raw_idx_with_trailing_data(tmp_path, datafiles):
+    _damage(tmp_path, datafiles, "t10k-images-idx3-ubyte", datafiles.idx_bytes(np.zeros((20, 28, 28), np.uint8)) + b"\0")
+    with pytest.raises(KdqError, match="t10k-images-idx3-ubyte: more data than its header's"):
+        load_dataset("mnist", tmp_path, download=False)
+
+
+def test_image_count_is_checked_before_the_images_are_read(tmp_path, datafiles):
+    import struct
+
+    datafiles.write_mnist(tmp_path, gz=False)
+    # 61 images claimed, no image data at all: refused on the count, not on the truncation
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 61, 28, 28))
+    with pytest.raises(KdqError, match="61 images but train-labels-idx1-ubyte holds 60 labels"):
+        load_dataset("mnist", tmp_path, download=False)
+
+
+def test_hostile_idx_through_the_cli(tmp_path, datafiles, capsys):
+    import struct
+
+    from kdq.cli import main
+
+    datafiles.write_mnist(tmp_path / "data", gz=True)
+    _gzip_stream(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz", bytes([0, 0, 8, 1]) + struct.pack(">I", 4_000_000_000), 0)
+    code = main(["train", "--data", "mnist", "--data-dir", str(tmp_path / "data"), "--no-download", "--model", "cnn-tiny",
+                 "--epochs", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdq: error:") and "t10k-labels-idx1-ubyte.gz" in lines[0]
+    assert not (tmp_path / "run" / "model.safetensors").exists()

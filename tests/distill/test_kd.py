@@ -81,3 +81,17 @@ def test_soft_targets_accepted():
 def test_bad_hyperparameters(kwargs):
     with pytest.raises(KdqError):
         KDLoss(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"temperature": float("inf")}, "temperature must be > 0 and finite, got inf"),
+    ({"temperature": float("nan")}, "temperature must be > 0 and finite, got nan"),
+    ({"temperature": "hot"}, "temperature must be > 0 and finite, got 'hot'"),
+    ({"alpha": float("nan")}, "alpha must be in [0, 1], got nan"),
+    ({"alpha": float("inf")}, "alpha must be in [0, 1], got inf"),
+])
+def test_infinite_and_nan_hyperparameters_are_refused_by_name(kwargs, words):
+    # inf passes `temperature > 0` and trains to nan: it must be refused before any training
+    with pytest.raises(KdqError) as info:
+        KDLoss(**kwargs)
+    assert str(info.value) == words

@@ -84,6 +84,8 @@ def load_dataset(
     source = DATASETS.get(name)
     if subset is not None and subset < 1:
         raise KdqError(f"subset must be a positive number of samples, got {subset}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:  # torch's generator limit
+        raise KdqError(f"the split seed (--split-seed) must be an integer from 0 to 2**63 - 1, got {seed!r}")
     raw = source.read(data_dir, download=download)
     _check_labels(raw, source.num_classes, name)
 

@@ -9,9 +9,13 @@ import onnx
 import torch
 from torch import nn
 
-from kdq.deploy.onnx_export import get_metadata
+from kdq.deploy.onnx_export import PRECISIONS, get_metadata
 from kdq.engine.evaluate import classification_metrics, environment, measure_speed, predict
 from kdq.errors import KdqError
+from kdq.schema import Checker
+
+
+MAX_ONNX_BYTES = 2 << 30
 
 
 def _first_line(exc: BaseException) -> str:
@@ -23,7 +27,12 @@ def _read_bytes(path: str | Path) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise KdqError(f"ONNX file {str(path)!r} not found; create it with `kdq export`")
-    return path.read_bytes()
+    try:
+        if path.stat().st_size > MAX_ONNX_BYTES:  # protobuf's own limit: nothing larger is an ONNX model
+            raise KdqError(f"{path} is larger than 2 GB, too large for an ONNX model; export it again with `kdq export`")
+        return path.read_bytes()
+    except OSError as exc:
+        raise KdqError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _parse(data: bytes, path: str | Path) -> onnx.ModelProto:
@@ -44,7 +53,18 @@ def _load(path: str | Path) -> tuple[bytes, onnx.ModelProto, dict[str, Any]]:
     meta = get_metadata(proto)
     if meta is None:
         raise KdqError(f"{Path(path).name} is not a kdq export (no kdq metadata); export it with `kdq export`")
+    check_metadata(meta, path)
     return data, proto, meta
+
+
+def check_metadata(meta: dict[str, Any], path: str | Path) -> None:
+    """The kdq metadata an evaluation reads (classes, normalisation, input shape, precision)."""
+    check = Checker(f"{path} (kdq metadata)", fix="export the run again with `kdq export`")
+    check.data_fields(meta)
+    check.key(meta, "dataset")  # evaluation without --data reads it (data_fields checked its type)
+    check.string(check.key(meta, "precision"), "precision", PRECISIONS)
+    if meta.get("architecture") is not None:  # informational only: nothing is built from it
+        check.mapping(meta["architecture"], "architecture")
 
 
 def load_onnx(path: str | Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -65,7 +85,9 @@ class OrtModel:
         # Same thread count as PyTorch by default, so speed comparisons are between runtimes, not thread pools.
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1  # a classifier is one chain of ops; parallel branches gain nothing
-        opts.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        # warnings about unused initializers etc. are noise for users, and its errors come back as
+        # exceptions that kdq turns into one line: print only fatal messages
+        opts.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT raises pybind exception types per failure
@@ -76,7 +98,15 @@ class OrtModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch; the input is copied to a contiguous float32 CPU array."""
         feed = {self.input_name: x.detach().to("cpu", torch.float32).contiguous().numpy()}
-        (out,) = self.session.run([self.output_name], feed)
+        try:
+            (out,) = self.session.run([self.output_name], feed)
+        except Exception as exc:  # noqa: BLE001 - ORT raises pybind exception types per failure
+            # typically a forward that used the batch size as a number, so the export froze it
+            raise KdqError(
+                f"ONNX Runtime cannot run {self.path.name} on a batch of shape {list(x.shape)}: {_first_line(exc)[:200]}; "
+                "if the model's forward turns a size into a Python number (len(x), int(...)), the export froze it: "
+                "use x.shape[0] or reshape(-1, ...) instead"
+            ) from None
         return torch.from_numpy(out)
 
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

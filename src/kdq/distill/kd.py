@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdq.errors import KdqError
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class KDLoss(nn.Module):
@@ -23,10 +30,11 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.7, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise KdqError(f"temperature must be > 0, got {temperature}")
-        if not 0 <= alpha <= 1:
-            raise KdqError(f"alpha must be in [0, 1], got {alpha}")
+        # a finite number first: inf passes `> 0` and trains to nan
+        if not (_is_number(temperature) and 0 < temperature < math.inf):
+            raise KdqError(f"temperature must be > 0 and finite, got {temperature!r}")
+        if not (_is_number(alpha) and 0 <= alpha <= 1):
+            raise KdqError(f"alpha must be in [0, 1], got {alpha!r}")
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.label_smoothing = label_smoothing

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdq.engine.device import resolve_device
 from kdq.errors import KdqError, suggest
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
+# The loop seeds each epoch's generator with seed * 1_000_003 + epoch, which must stay below
+# torch's 2**64 limit; NumPy takes seeds below 2**32.
+SEED_MAX = 2**32 - 1
+# Defaults of the commands that fine-tune a trained model rather than train from scratch:
+# short, moderate learning rate, no warm-up. kdq qat (int8) and kdq qat --bits / kdq recipe.
+QAT_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 0.005, "warmup_epochs": 0.0}
+FINE_TUNE_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 0.01, "warmup_epochs": 0.0}
+QKD_PHASE_EPOCHS = 1  # each of qkd's three phases, unless epochs or the phase's own options say otherwise
+_FINITE = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "mixup", "cutmix")
 
 
 @dataclass
@@ -40,8 +51,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, f.type, getattr(self, f.name))
+        for name in _FINITE:  # inf and nan pass the range checks below (or train to nan)
+            _check(_is_finite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        _check(0 <= self.seed <= SEED_MAX, f"seed must be an integer from 0 to {SEED_MAX}, got {self.seed}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -51,6 +66,7 @@ class TrainConfig:
         _check(self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        resolve_device(self.device)  # an unknown or absent device fails here, before any work
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -78,6 +94,13 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
         return
     ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
     _check(ok, f"{name} must be {_TYPE_WORDS[base]}, got {value!r}")
+
+
+def _is_finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _check(ok: bool, message: str) -> None:

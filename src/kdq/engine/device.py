@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -10,27 +11,48 @@ import torch
 from kdq.errors import KdqError
 
 
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else the CPU; an unavailable device is a clear error."""
+    """'auto' picks CUDA when present, else the CPU; an unknown or unavailable device is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise KdqError(f"unknown device {name!r}; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdqError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
+    except (RuntimeError, TypeError):
+        device = None
+    # torch also parses devices kdq cannot train on (meta, xla, ...): name the ones it can
+    if device is None or device.type not in ("cpu", "cuda", "mps") or (device.type != "cuda" and device.index):
+        raise KdqError(f"unknown device {name!r}; use {DEVICE_NAMES}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KdqError(f"device {name!r} requested but no CUDA GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise KdqError(f"device {name!r} requested but only {count} CUDA GPU(s) are visible; use cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KdqError(f"device {name!r} requested but Apple's MPS is not available here; use --device cpu")
     return device
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (the CPU and every GPU).
+
+    On the CPU the same seed already gives the same numbers. `deterministic` is for CUDA:
+    deterministic cuDNN and cuBLAS kernels, no cuDNN autotuning (slower); an operation with
+    no deterministic CUDA kernel warns once instead of failing.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        # Slower kernels, but the same numbers on every run of the same machine.
+        # cuBLAS reads this when it creates its handle, at the first CUDA matrix product; seeding
+        # comes before the model is built, so before that. A value the user set is kept.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
 

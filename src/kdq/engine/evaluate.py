@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,18 +54,86 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, classes: list[
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Weights and biases of `model`, counting those packed inside int8 layers too.
+
+    int8 layers hold packed weights, not parameters: a quantized model counts as many as its
+    float original, so a size comparison between the two is like for like.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        total += sum(t.numel() for t in _packed_tensors(module))
+    return total
 
 
-def _time_call(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def _packed_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The weight and bias tensors an int8 module keeps outside its parameters."""
+    from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase
+
+    if isinstance(module, RNNBase):  # dynamic LSTM/GRU
+        values = [*module.get_weight().values(), *module.get_bias().values()]
+    elif callable(getattr(module, "weight", None)) and type(module).__module__.startswith("torch.ao.nn."):
+        # int8 Linear and conv layers: weight() and bias() unpack their weights
+        values = [module.weight(), module.bias() if callable(getattr(module, "bias", None)) else None]
+    else:
+        return []
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+# Above this interquartile range / median, a timing says more about the machine than the model.
+NOISY_SPREAD = 0.25
+# A median this many times the fastest measurement: most measurements were slowed down.
+NOISY_STALL = 4.0
+# Measurements taken however long one call is (a stalled first call must not end the timing),
+# unless a timing already took HARD_CAP_FACTOR times its max_time_s.
+MIN_MEASUREMENTS = 5
+HARD_CAP_FACTOR = 3
+
+
+def _timings(fn: Callable[[], Any], min_time_s: float, max_time_s: float) -> tuple[list[float], int]:
+    """Seconds per call of `fn`, one value per timed block of calls, and the calls per block.
+
+    torch.utils.benchmark warms up, sizes the blocks so the timer's overhead is negligible,
+    and keeps measuring (up to `max_time_s`) until the spread is small. On a busy machine one
+    stalled call can exceed `max_time_s` alone: blocks are then added up to MIN_MEASUREMENTS,
+    so the median is not a single stalled call.
+    """
+    from torch.utils import benchmark
+
+    # num_threads: Timer would otherwise time with one thread, unlike every other kdq number
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measured = timer.adaptive_autorange(threshold=0.1, min_run_time=min_time_s, max_run_time=max_time_s)
+    times, block = list(measured.times), measured.number_per_run
+    while len(times) < MIN_MEASUREMENTS and sum(times) * block < HARD_CAP_FACTOR * max_time_s:
+        times += timer.timeit(block).times
+    return times, block
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(p25, median, p75), interpolated linearly like torch.utils.benchmark's IQR."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    p25, median, p75 = statistics.quantiles(values, n=4, method="inclusive")
+    return p25, median, p75
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average before timing (None where the OS does not report it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _warn_if_noisy(what: str, times: list[float]) -> None:
+    """A stderr warning when the timings of one call say more about the machine than the model."""
+    if len(times) < MIN_MEASUREMENTS:
+        return  # too few to judge (a model slow enough to fill the time with fewer)
+    p25, median, p75 = _quartiles(times)
+    fastest = min(times)
+    if (p75 - p25) / median > NOISY_SPREAD or median > NOISY_STALL * fastest:
+        print(f"kdq: warning: {what} timing is noisy (median {median * 1e3:.4g} ms, IQR {(p75 - p25) * 1e3:.4g} ms, "
+              f"fastest {fastest * 1e3:.4g} ms over {len(times)} measurements): the machine was busy; "
+              "rerun on an idle machine", file=sys.stderr)
 
 
 def measure_speed(
@@ -73,14 +141,17 @@ def measure_speed(
     example: torch.Tensor,
     *,
     large_batch: int = 256,
-    warmup: int = 10,
-    repeats: int = 50,
+    min_time_s: float = 0.2,
+    max_time_s: float = 0.8,
     synchronize: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Median batch-1 latency after warm-up, and throughput at `large_batch`.
+    """Batch-1 latency and throughput at `large_batch`: medians, quartiles and measurement counts.
 
     `run` is any callable on a batch (a PyTorch module, an ONNX Runtime session wrapper), so
     every runtime is timed by the same code. `example` is one input sample, shape (1, ...).
+    Each of the two timings takes `min_time_s` to `max_time_s` seconds (longer while the
+    spread stays large, or to reach MIN_MEASUREMENTS); a warning goes to stderr when the
+    spread says the machine was busy.
     """
     sync = synchronize or (lambda: None)
 
@@ -93,15 +164,35 @@ def measure_speed(
 
     one = example[:1]
     big = one.expand(large_batch, *one.shape[1:]).contiguous()
+    load = _load_average()
     with torch.inference_mode():
-        latency = _time_call(timed(one), warmup, repeats)
-        bulk = _time_call(timed(big), max(2, warmup // 5), max(5, repeats // 5))
-    return {
-        "latency_ms_batch1": statistics.median(latency) * 1e3,
-        "throughput_per_s": large_batch / statistics.median(bulk),
+        latency, latency_block = _timings(timed(one), min_time_s, max_time_s)
+        bulk, bulk_block = _timings(timed(big), min_time_s, max_time_s)
+    l25, l50, l75 = (t * 1e3 for t in _quartiles(latency))
+    b25, b50, b75 = _quartiles(bulk)
+    results = {
+        "latency_ms_batch1": l50,
+        "latency_ms_batch1_p25": l25,
+        "latency_ms_batch1_p75": l75,
+        "latency_ms_batch1_iqr": l75 - l25,
+        "latency_ms_batch1_min": min(latency) * 1e3,
+        "latency_measurements": len(latency),
+        "latency_calls_per_measurement": latency_block,
+        "throughput_per_s": large_batch / b50,
+        # a slow quarter of the timings is the low quarter of the throughputs
+        "throughput_per_s_p25": large_batch / b75,
+        "throughput_per_s_p75": large_batch / b25,
+        "throughput_per_s_iqr": large_batch / b25 - large_batch / b75,
+        "throughput_measurements": len(bulk),
+        "throughput_calls_per_measurement": bulk_block,
         "throughput_batch": large_batch,
         "threads": torch.get_num_threads(),
+        # other processes competing for the cores: the usual cause of a noisy timing
+        "load_average_1min": load,
     }
+    _warn_if_noisy("batch-1 latency", latency)
+    _warn_if_noisy(f"batch-{large_batch} throughput", bulk)
+    return results
 
 
 def _cpu_name() -> str:

@@ -20,7 +20,9 @@ from kdq.engine.config import TrainConfig
 from kdq.engine.device import autocast, resolve_device, seed_everything
 from kdq.engine.evaluate import predict
 from kdq.engine.objectives import CrossEntropy, Objective
-from kdq.io import append_jsonl, load_checkpoint, load_weights, save_checkpoint, save_weights, write_text
+from kdq.errors import KdqError, short_repr
+from kdq.io import append_jsonl, load_checkpoint, load_weights, read_text, save_checkpoint, save_weights, write_text
+from kdq.schema import DAMAGED, Checker
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
@@ -128,15 +130,7 @@ def fit(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if resume and (out / CHECKPOINT).exists():
-            ckpt = load_checkpoint(out / CHECKPOINT)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"])
-            if device.type == "cuda" and "cuda_rng" in ckpt:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"])
-            state = {k: ckpt[k] for k in state}
+            state = _restore(out / CHECKPOINT, model, optimizer, scheduler, scaler, device)
             history = _read_history(out / METRICS, state["epoch"])
             print(f"kdq: resuming from epoch {state['epoch']} of {cfg.epochs}", file=sys.stderr)
         else:
@@ -153,6 +147,9 @@ def fit(
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         record = _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch)
+        if not math.isfinite(record["train_loss"]):  # before anything of this epoch is saved
+            raise KdqError(f"training diverged: the loss is {record['train_loss']} at epoch {epoch + 1}; "
+                           f"lower --lr (now {cfg.lr:g}) or the distillation temperature, then rerun")
         val_acc, val_loss = _val_metrics(model, data, cfg)
         record.update(val_accuracy=val_acc, val_loss=val_loss)
         improved = val_acc > state["best_val_accuracy"]
@@ -239,11 +236,61 @@ def _checkpoint(model, optimizer, scheduler, scaler, state, device) -> dict[str,
     return ckpt
 
 
+def _restore(path: Path, model, optimizer, scheduler, scaler, device) -> dict[str, Any]:  # noqa: ANN001
+    """Load checkpoint.pt into the training objects and return the loop state it recorded.
+
+    Its structure is checked first, so a damaged or foreign file is one KdqError line.
+    """
+    ckpt = load_checkpoint(path)
+    check = Checker(path)
+    for key in ("model", "optimizer", "scheduler", "scaler"):
+        check.mapping(check.key(ckpt, key), key)
+    rng = check.key(ckpt, "rng")
+    check.expect(isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1,
+                 type(rng).__name__, "rng", "a uint8 tensor (the RNG state)")
+    epoch = check.integer(check.key(ckpt, "epoch"), "epoch", 0, 10**9)
+    state = {"epoch": epoch, "best_val_accuracy": check.number(check.key(ckpt, "best_val_accuracy"), "best_val_accuracy")}
+    for key in ("best_epoch", "bad_epochs"):
+        state[key] = check.integer(check.key(ckpt, key), key, 0, epoch)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(rng)
+        if device.type == "cuda" and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise KdqError(f"{path} does not fit this model and optimizer ({first}); resume with the options the run "
+                       "was started with, or start over with --overwrite") from None
+    return state
+
+
 def _read_history(path: Path, epochs_done: int) -> list[dict[str, Any]]:
-    """Keep the metrics of the epochs the checkpoint covers; drop lines of a lost epoch."""
+    """Keep the metrics of the epochs the checkpoint covers; drop lines of a lost epoch.
+
+    append_jsonl loses at most the line being written: a torn last line (no newline after it)
+    is dropped. An unreadable line anywhere else means the file was damaged: one KdqError.
+    """
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+    text = read_text(path)
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            if number == len(lines) and not text.endswith("\n"):
+                break  # torn by a crash mid-write
+            raise KdqError(f"{path}: line {number} is not a metrics record ({short_repr(line)}); {DAMAGED}")
+        rows.append(row)
+    rows = [r for r in rows if r["epoch"] <= epochs_done]
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows

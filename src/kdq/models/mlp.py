@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdq.errors import KdqError
+from kdq.errors import KdqError, short_repr
 from kdq.models.registry import check_dropout, check_int, register_model
+
+MAX_HIDDEN_LAYERS = 1000
 
 
 class MLP(nn.Module):
@@ -30,7 +32,9 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-            raise KdqError(f"hidden must be a list of layer sizes, e.g. [256, 128], got {hidden!r}")
+            raise KdqError(f"hidden must be a list of layer sizes, e.g. [256, 128], got {short_repr(hidden)}")
+        if len(hidden) > MAX_HIDDEN_LAYERS:  # checked before building: a million layers take minutes even on "meta"
+            raise KdqError(f"hidden lists {len(hidden)} layers, more than {MAX_HIDDEN_LAYERS}; lower depth")
         sizes = [check_int("in_channels", in_channels)] + [check_int("hidden size", h) for h in hidden]
         p = check_dropout(dropout)
         self.flatten = nn.Flatten()

@@ -1,4 +1,4 @@
-"""Post-training int8 quantization: static (FX graph mode, calibrated) and dynamic (Linear only)."""
+"""Post-training int8 quantization: static (FX graph mode, calibrated) and dynamic (Linear, LSTM, GRU)."""
 
 from __future__ import annotations
 
@@ -146,16 +146,41 @@ def quantize_static(
     return quantized
 
 
-def quantize_dynamic(model: nn.Module, *, dtype: torch.dtype = torch.qint8) -> nn.Module:
-    """A copy of `model` whose nn.Linear layers use int8 weights and quantize activations on the fly.
+# What dynamic quantization converts: the layer types of PyTorch's own LSTM and BERT tutorials.
+# Exact types: MultiheadAttention's out_proj (NonDynamicallyQuantizableLinear) stays float, as
+# attention reads its weight as a tensor.
+DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
 
-    Conv layers stay float: PyTorch's dynamic quantization covers only Linear (and RNN) layers,
-    so for conv nets use `quantize_static`. No calibration data is needed.
+
+def quantize_dynamic(model: nn.Module, *, dtype: torch.dtype = torch.qint8) -> nn.Module:
+    """A copy of `model` whose Linear, LSTM and GRU layers hold int8 (or float16) weights.
+
+    Activations are quantized on the fly, so no calibration data is needed. Conv layers stay
+    float (PyTorch has no dynamic conv kernels): for conv nets use `quantize_static`.
+    Transformer layers keep working: their feed-forward Linear layers are quantized and the
+    layers run their reference (non-fused) code path, since the fused one needs float weights.
     """
     if dtype not in (torch.qint8, torch.float16):
         raise KdqError(f"dynamic quantization dtype must be torch.qint8 or torch.float16, got {dtype}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=dtype)
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).cpu().eval(), set(DYNAMIC_LAYERS), dtype=dtype
+        )
+    _disable_transformer_fast_path(quantized)
     quantized.kdq_quant = {"kind": "dynamic", "backend": torch.backends.quantized.engine, "dtype": str(dtype).removeprefix("torch.")}
     return quantized
+
+
+def _disable_transformer_fast_path(model: nn.Module) -> None:
+    """Send transformer layers down their reference path, which calls the int8 Linear modules.
+
+    The fused inference path reads `linear1.weight` as a tensor; on a dynamic int8 Linear it is
+    a method, and forward fails ("'function' object has no attribute 'device'"). Both flags
+    only select between the fused and the reference path, and only on this copy.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = 0  # the layer's own "fused path unavailable" marker
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False  # the encoder's padded-batch fast path

@@ -24,8 +24,10 @@ from torch import nn
 from kdq.errors import KdqError
 from kdq.io import load_weights, read_json, save_weights, weights_metadata, write_json
 from kdq.models import create_model
+from kdq.models.registry import check_registered
 from kdq.quant.lowbit.layers import lowbit_layers, rebuild_lowbit
-from kdq.quant.lowbit.quantizers import QuantCodes, check_bits
+from kdq.quant.lowbit.quantizers import MAX_BITS, QuantCodes, check_bits
+from kdq.schema import DAMAGED, Checker
 
 TENSORS = "packed.safetensors"
 FILE_KEY = "kdq_packed"  # header key of the manifest in a single-file export
@@ -34,6 +36,7 @@ FORMAT = "kdq-lowbit"
 # Codes handled per step: a multiple of 8, so every step but the last fills whole bytes, and
 # small enough that the (codes x bits) intermediate stays a few MB for any model.
 _CHUNK = 1 << 16
+MAX_WEIGHT_ELEMENTS = 1 << 31  # one weight tensor; its stored bytes are checked against this count too
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -136,9 +139,10 @@ def export_packed_file(path_dir: str | Path, out: str | Path) -> Path:
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Manifest and tensors of a packed directory or of a single exported file."""
     if path.is_file():
+        fix = "export it again with `kdq export RUN --format packed`"
         try:
-            manifest = json.loads(weights_metadata(path).get(FILE_KEY, "null"))
-        except Exception:  # noqa: BLE001 - safetensors and json raise many types for a bad file
+            manifest = json.loads(weights_metadata(path, fix=fix).get(FILE_KEY, "null"))
+        except (ValueError, RecursionError):
             manifest = None
         where = path
     else:
@@ -147,7 +151,35 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         manifest, where = read_json(path / MANIFEST), path / MANIFEST
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KdqError(f"{where}: not a packed low-bit kdq model; export one with `kdq export RUN --format packed`")
+    check_manifest(manifest, where)
     return manifest, load_weights(path if path.is_file() else path / TENSORS)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """packed.json, checked (keys, types, shape sizes) before anything is built from it."""
+    manifest = read_json(path, expect=dict)
+    if manifest.get("format") != FORMAT:
+        raise KdqError(f"{path}: not a packed low-bit kdq model; export one with `kdq export RUN --format packed`")
+    return check_manifest(manifest, path)
+
+
+def check_manifest(manifest: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """The keys and types `load_packed` reads; a weight's shape is checked as integers within
+    limits before its element count is computed (a shape of ["x", 1e5, 1e5] builds nothing)."""
+    check = Checker(where)
+    check.model_spec(check.key(manifest, "spec"), "spec")
+    record = check.mapping(check.key(manifest, "lowbit"), "lowbit")
+    check.mapping(check.key(record, "layers", "lowbit"), "lowbit.layers")
+    for key, entry in check.mapping(check.key(manifest, "weights"), "weights").items():
+        path = f"weights[{key!r}]"
+        entry = check.mapping(entry, path)
+        check.integer(check.key(entry, "bits", path), f"{path}.bits", 1, MAX_BITS)
+        check.shape(check.key(entry, "shape", path), f"{path}.shape", dims=(1, 8), max_dim=MAX_WEIGHT_ELEMENTS,
+                    max_elements=MAX_WEIGHT_ELEMENTS)
+        check.string(check.key(entry, "dequant", path), f"{path}.dequant", ("affine", "lookup"))
+    meta = check.mapping(check.key(manifest, "meta", default={}), "meta")
+    check.data_fields(meta, "meta", required=False)
+    return manifest
 
 
 def load_packed(path_dir: str | Path) -> nn.Module:
@@ -160,6 +192,16 @@ def load_packed(path_dir: str | Path) -> nn.Module:
     """
     path = Path(path_dir)
     manifest, tensors = _read(path)
+    try:
+        return _load(path, manifest, tensors)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+        # a well-formed manifest whose tensors have other shapes than the model it describes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise KdqError(f"{path}: the stored tensors do not fit the model its manifest describes ({first}); {DAMAGED}") from None
+
+
+def _load(path: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    check_registered(manifest["spec"]["name"], str(path))
     model = rebuild_lowbit(create_model(**manifest["spec"]), manifest["lowbit"])
     layers = lowbit_layers(model)
     state = {k: v for k, v in tensors.items() if "::" not in k}
@@ -172,7 +214,11 @@ def load_packed(path_dir: str | Path) -> nn.Module:
         layer = layers.get(key.removesuffix("weight").removesuffix("."))
         if layer is None:
             raise KdqError(f"{path / MANIFEST}: packed weight {key!r} is not a low-bit layer of the rebuilt model")
-        layer.freeze_weight(_codes(key, entry, tensors))
+        try:
+            codes = _codes(key, entry, tensors)
+        except KdqError as exc:  # name the file: the same weight may come from a directory or an export
+            raise KdqError(f"{path if path.is_file() else path / TENSORS}: {key}: {exc}; {DAMAGED}") from None
+        layer.freeze_weight(codes)
     return model.eval()
 
 
