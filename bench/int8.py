@@ -158,7 +158,7 @@ def main() -> None:
 
     from kdq import api
     from kdq.config import apply_override, parse_experiment
-    from kdq.engine import environment
+    from kdq.engine import describe_machine, environment
     from kdq.experiment import run_experiment
     from kdq.report.table import markdown_table
 
@@ -191,7 +191,7 @@ def main() -> None:
         "",
         f"Command: `{cmd}` (training and export included: {trained_s / 60:.0f} min of training, "
         f"{(time.perf_counter() - start - trained_s) / 60:.0f} min of export and measurement)  ",
-        f"Machine: {env['device']}, {env['cpu_count']} cores, {env['threads']} threads for both runtimes, "
+        f"Machine: {describe_machine(env)}, {env['cpu_count']} cores, {env['threads']} threads for both runtimes, "
         f"torch {env['torch']}; accuracy on all {sum(map(sum, teacher['confusion_matrix']))} test images",
         "",
         "Each row against the float student in the same runtime:",

@@ -146,7 +146,7 @@ def main() -> None:
     args = p.parse_args()
 
     from kdq.config import load_experiment
-    from kdq.engine import environment
+    from kdq.engine import describe_machine, environment
     from kdq.experiment import run_experiment
     from kdq.report.sweep import summarize_sweep
     from kdq.report.table import markdown_table
@@ -167,7 +167,7 @@ def main() -> None:
         f"{SECTION}: recipes compared at 16, 8, 4, 2 and 1 bit (issue 4)",
         "",
         f"Command: `{cmd}` ({wall / 60:.0f} min this invocation; finished runs in --out are reused)  ",
-        f"Machine: {env['device']}, {env['threads']} torch threads, torch {env['torch']}",
+        f"Machine: {describe_machine(env)}, {env['threads']} torch threads, torch {env['torch']}",
         "",
         f"Float ResNet-20 (stage `float`, {stages['float'].get('best_epoch', '?')} of {exp.stages[0].train.epochs} epochs best): "
         f"**{reference:.4f}** on all {sum(sum(r) for r in stages['float']['confusion_matrix'])} test images, "

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kdq  # noqa: E402
 from kdq.data import BatchLoader, DataBundle  # noqa: E402
 from kdq.distill import Distiller, KDLoss  # noqa: E402
-from kdq.engine import TrainConfig, environment, fit  # noqa: E402
+from kdq.engine import TrainConfig, describe_machine, environment, fit  # noqa: E402
 from kdq.report.table import markdown_table  # noqa: E402
 
 
@@ -160,7 +160,7 @@ def main() -> None:
         f"### Data pipeline and distillation cost ({args.data}, {len(data.train)} training images)",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {env['device']}, {env['cpu_count']} cores, {env['threads']} torch threads, torch {env['torch']}",
+        f"Machine: {describe_machine(env)}, {env['cpu_count']} cores, {env['threads']} torch threads, torch {env['torch']}",
         "",
         f"Epoch time on {device.type}, batch {args.batch_size}, random crop + flip, median of {args.epochs} epochs after a warm-up:",
         "",

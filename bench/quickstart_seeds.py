@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kdq.engine import environment  # noqa: E402
+from kdq.engine import describe_machine, environment  # noqa: E402
 
 SECTION = "## Quickstart over seeds (issue 9)"
 
@@ -46,7 +46,7 @@ def report(per_seed: dict[int, dict], command: str) -> str:
     base_std = mean_std(acc["baseline"])[1] * 100
     env = next(iter(per_seed.values()))["teacher"]["environment"]
     lines = [SECTION, "", f"Command: `{command}`", "",
-             f"Machine: {env['device']} ({', '.join(env.get('cpu_flags') or ['no AVX2'])}), "
+             f"Machine: {describe_machine(env)}, "
              f"{env['threads']} threads, torch {env['torch']}.", "",
              "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
              "|---|" + "---|" * len(seeds) + "---|"]

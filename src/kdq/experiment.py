@@ -8,6 +8,7 @@ from typing import Any
 
 from kdq import api
 from kdq.config import Experiment, Stage
+from kdq.engine import describe_machine
 from kdq.errors import KdqError
 from kdq.io import read_json, write_json, write_text
 from kdq.report.table import human_bytes, markdown_table
@@ -253,7 +254,7 @@ def summarize(exp: Experiment, results: dict[str, dict[str, Any]]) -> dict[str, 
         teacher, student = results[compare["teacher"]], results[compare["student"]]
         notes.append("student vs teacher: " + ", ".join(student_vs_teacher(student, teacher)))
     # int8 rows run on the CPU even where float rows ran on a GPU: name every processor used
-    devices = dict.fromkeys(r["environment"]["device"] for r in results.values())
+    devices = dict.fromkeys(describe_machine(r["environment"]) for r in results.values())
     env = next(iter(results.values()))["environment"]
     notes.append(f"measured on {' and '.join(devices)} with {env['threads']} CPU threads, torch {env['torch']}")
     return {"experiment": exp.name, "table": markdown_table(rows, COLUMNS), "notes": notes, "stages": results}

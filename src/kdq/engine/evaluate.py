@@ -222,6 +222,15 @@ def cpu_extensions() -> list[str]:
     return []
 
 
+def describe_machine(env: dict[str, Any]) -> str:
+    """'AMD EPYC (avx2, fma, avx512f, ...)' for an environment() record, with the CPU's
+    extensions that decide kernel speed; a GPU record names the GPU, then the CPU."""
+    flags = env.get("cpu_flags")
+    extensions = ", ".join(flags) if flags else ("none of AVX2/AVX-512/VNNI/AMX" if flags == [] else "extensions not recorded")
+    cpu = f"{env.get('cpu', env['device'])} ({extensions})"
+    return cpu if env.get("device_type", "cpu") == "cpu" else f"{env['device']}, CPU {cpu}"
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     """Where the numbers came from: the processor `device` names (default: the machine's best).
 
