@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdq.distill import TEACHER_MODES, KDLoss
 from kdq.engine.config import SEED_MAX, TrainConfig
 from kdq.errors import KdqError, short_repr, suggest
-from kdq.io import read_yaml
+from kdq.io import parse_yaml, read_yaml
 from kdq.rundir import RUN_FILES, check_name
 
 TOP_LEVEL = ("name", "out", "data", "train", "stages", "compare")
@@ -177,10 +175,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise KdqError(f"override {item!r} must look like KEY=VALUE, e.g. teacher.epochs=2")
-    try:
-        value = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        value = text
+    try:  # the same capped loader as experiment files: a typed value is YAML too
+        value = parse_yaml(text, f"--set {short_repr(key)}") if text else None
+    except KdqError:
+        value = text  # not YAML: taken as the string typed
     parts = key.split(".")
     stages = raw.get("stages") or {}
     if parts[0] in stages and parts[0] not in TOP_LEVEL:
