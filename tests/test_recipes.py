@@ -87,13 +87,41 @@ def test_qkd_runs_three_phases(float_run, digits, tmp_path):
     assert config["phases"]["self_studying"]["lr"] == 0.02 and config["phases"]["tutoring"]["epochs"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parts", "pair"])
+def test_qkd_resumed_after_co_studying_reloads_the_trained_teacher(float_run, digits, tmp_path, monkeypatch, layout):
+    """Tutoring after a resume is taught by co-studying's best teacher (best_objective.safetensors),
+    or, in a phase written before objectives had parts, by the teacher inside the pair's weights."""
+    from kdq.io import load_weights, save_weights
+
+    options = dict(bits="w4a4", phases={"co_studying": {"epochs": 2}}, data=digits, **FAST)
+    recipes.run_recipe("qkd", float_run, tmp_path / "straight", **options)
+    co = tmp_path / "resumed" / "w4a4" / "co_studying"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # dies as tutoring starts: both phases are finished
+        patch.setattr(recipes, "train_lowbit", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            recipes.run_recipe("qkd", float_run, tmp_path / "resumed", **options)
+    teacher = load_weights(co / "best_objective.safetensors")
+    assert teacher and all(k.startswith("teacher.") for k in teacher)
+    if layout == "pair":  # the co-studied teacher and student as one module, as kdq wrote it before
+        student = load_weights(co / "best.safetensors")
+        save_weights(co / "best.safetensors", {**teacher, **{f"student.{k}": v for k, v in student.items()}})
+        (co / "best_objective.safetensors").unlink()
+    recipes.run_recipe("qkd", float_run, tmp_path / "resumed", resume=True, **options)
+    packed = [(tmp_path / run / "w4a4" / "packed.safetensors").read_bytes() for run in ("straight", "resumed")]
+    assert packed[0] == packed[1]
+
+
 def test_co_studying_trains_the_teacher_too(float_run, digits):
     model, _ = kdq.load_model(float_run)
     student = quantize_lowbit(model, LowBitConfig.parse("w4a4"))
     teacher, _ = kdq.load_model(float_run)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    pair = recipes.CoStudy(teacher, student)
-    kdq.engine.fit(pair, digits, kdq.engine.TrainConfig(**FAST), objective=recipes.MutualKD(pair, KDLoss()))
+    kdq.engine.fit(student, digits, kdq.engine.TrainConfig(**FAST), objective=recipes.MutualKD(teacher, KDLoss()))
     assert any(not torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 

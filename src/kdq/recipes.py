@@ -12,7 +12,8 @@
   precision: 32 -> 16 -> 8 -> 4 -> 2 -> 1).
 - qkd: three phases (Kim et al. 2019): self-studying (the quantized student alone),
   co-studying (teacher and student trained together, each distilled from the other, so the
-  teacher becomes quantization-friendly), tutoring (teacher frozen, student distilled).
+  teacher becomes quantization-friendly; the teacher is the objective's trainable part),
+  tutoring (teacher frozen, student distilled).
 - speq: self-distillation (Boo et al. 2021). One set of weights; each step a teacher pass
   draws every layer's activation width from `teacher_bits`, and the student pass at the
   target width learns from it: cross-entropy + `cosine_weight` * (1 - cos(p_student, p_teacher)).
@@ -42,7 +43,8 @@ from kdq.distill import Distiller, KDLoss
 from kdq.engine import count_params, fit
 from kdq.config import TRAIN_KEYS
 from kdq.engine.config import QKD_PHASE_EPOCHS, SEED_MAX
-from kdq.engine.train import BEST
+from kdq.engine.objectives import Objective, parts_of
+from kdq.engine.train import BEST, BEST_OBJECTIVE
 from kdq.errors import KdqError, suggest
 from kdq.io import load_weights, write_json, write_text
 from kdq.lowbit_api import fine_tune_config, lowbit_config, lowbit_qat, lowbit_source, run_record, train_lowbit
@@ -209,40 +211,36 @@ def takd_chain(source: str | Path, out: str | Path, *, bits: str | Sequence[str]
 # ---- QKD
 
 
-class CoStudy(nn.Module):
-    """Teacher and student trained as one module: forward returns the student's logits and,
-    in training, keeps the teacher's for `MutualKD`."""
+class MutualKD(Objective):
+    """Co-studying's objective: the student is distilled from the teacher's (detached) logits and
+    the teacher from the student's. The teacher is this objective's trainable part, so the
+    optimizer, the checkpoint and the best epoch's weights (best_objective.safetensors) cover it."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+    def __init__(self, teacher: nn.Module, loss: KDLoss) -> None:
         super().__init__()
-        self.teacher, self.student = teacher, student
-        self.teacher_logits: torch.Tensor | None = None
+        self.teacher, self.loss = teacher, loss
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.teacher_logits = self.teacher(x) if self.training else None
-        return self.student(x)
-
-
-class MutualKD:
-    """Co-studying's objective: each of the pair is distilled from the other's (detached) output."""
-
-    def __init__(self, pair: CoStudy, loss: KDLoss) -> None:
-        self.pair, self.loss = pair, loss
-
-    def __call__(self, logits, targets, inputs, indices):  # noqa: ANN001 - see kdq.engine.objectives
-        teacher = self.pair.teacher_logits
+    def forward(self, logits, targets, inputs, indices):  # noqa: ANN001 - see kdq.engine.objectives
+        teacher = self.teacher(inputs)
         student = self.loss(logits, teacher.detach(), targets)
         taught = self.loss(teacher, logits.detach(), targets)
         return {"loss": student["loss"] + taught["loss"], "kd": student["kd"], "ce": student["ce"],
                 "teacher_loss": taught["loss"]}
 
 
-def _phase(module: nn.Module, out: Path, data: DataBundle, cfg, objective, resume: bool) -> None:  # noqa: ANN001
-    """One intermediate QKD phase into `out`; a finished one is reloaded when resuming."""
+def _phase(model: nn.Module, out: Path, data: DataBundle, cfg, objective, resume: bool) -> None:  # noqa: ANN001
+    """One intermediate QKD phase into `out`; a finished one is reloaded when resuming, the
+    objective's parts (co-studying's teacher) included."""
     if resume and (out / PHASE_FILE).exists():
-        module.load_state_dict(load_weights(out / BEST))
+        weights = load_weights(out / BEST)
+        if any(k.startswith("student.") for k in weights):  # kdq before objectives had parts: one pair module
+            objective.load_state_dict({k: v for k, v in weights.items() if k.startswith("teacher.")})
+            weights = {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
+        elif parts_of(objective) is not None:
+            objective.load_state_dict(load_weights(out / BEST_OBJECTIVE))
+        model.load_state_dict(weights)
         return
-    result = fit(module, data, cfg, out, objective=objective, resume=resume)
+    result = fit(model, data, cfg, out, objective=objective, resume=resume)
     write_json(out / PHASE_FILE, {"train": cfg.to_dict(), "best_epoch": result.best_epoch,
                                   "best_val_accuracy": result.best_val_accuracy})
 
@@ -275,9 +273,9 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
             # the phases write inside the scheme's run directory: claim it before the first
             with claim(run_dir, "lowbit", "recipe", resume=resume, record=run_record(record, cfg["tutoring"], bundle)):
                 _phase(student, run_dir / "self_studying", bundle, cfg["self_studying"], None, resume)
-                pair = CoStudy(teacher_net, student)
-                _phase(pair, run_dir / "co_studying", bundle, cfg["co_studying"], MutualKD(pair, loss), resume)
-                tutor = Distiller(pair.teacher, loss, "online", cfg["tutoring"].eval_batch_size)
+                mutual = MutualKD(teacher_net, loss)
+                _phase(student, run_dir / "co_studying", bundle, cfg["co_studying"], mutual, resume)
+                tutor = Distiller(mutual.teacher, loss, "online", cfg["tutoring"].eval_batch_size)
                 done = train_lowbit(student, run_dir, bundle, meta, cfg["tutoring"], record, objective=tutor,
                                     resume=resume, float_params=count_params(model), started=started)
         results[scheme] = {**done, "run_dir": str(run_dir)}
@@ -329,16 +327,19 @@ def _teacher_bits(act_bits: int | None, teacher_bits: Sequence[int] | None) -> l
     return choices
 
 
-class StochasticPrecision:
+class StochasticPrecision(Objective):
     """SPEQ's objective. The teacher is the student's own weights, run without gradients with
     each target-width activation quantizer at a width drawn from `choices` (32: float); batch
-    norm statistics and quantizer state do not move during that pass."""
+    norm statistics and quantizer state do not move during that pass. The student is held, not
+    a part: it is the model being trained."""
 
     def __init__(self, model: nn.Module, act_bits: int, choices: Sequence[int], temperature: float = 1.0,
                  cosine_weight: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
         if not (0 < temperature < math.inf and 0 <= cosine_weight < math.inf):
             raise KdqError(f"speq needs a finite temperature > 0 and cosine_weight >= 0, got {temperature} and {cosine_weight}")
-        self.model, self.choices = model, list(choices)
+        self.hold("model", model)
+        self.choices = list(choices)
         self.layers = [layer for layer in lowbit_layers(model).values()
                        if layer.act_quantizer is not None and layer.act_quantizer.bits == act_bits]
         self.temperature, self.cosine_weight = temperature, cosine_weight
@@ -353,7 +354,7 @@ class StochasticPrecision:
                 stack.enter_context(_float_inputs(layer) if bits == FLOAT_BITS else layer.act_quantizer.at_bits(bits))
             return self.model(inputs)
 
-    def __call__(self, logits, targets, inputs, indices):  # noqa: ANN001 - see kdq.engine.objectives
+    def forward(self, logits, targets, inputs, indices):  # noqa: ANN001 - see kdq.engine.objectives
         teacher = self.teacher_logits(inputs)
         ce = F.cross_entropy(logits.float(), targets)
         t = self.temperature

@@ -134,7 +134,7 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 # is kdq's); any other file in the folder, e.g. an exported model.onnx, is left alone.
 RUN_FILES = (
     RUN_FILE, CONFIG, RESULTS, WEIGHTS, MODEL_META, CONFUSION, "training_curves.png",
-    "metrics.jsonl", "checkpoint.pt", "best.safetensors",  # kdq.engine.train
+    "metrics.jsonl", "checkpoint.pt", "best.safetensors", "best_objective.safetensors",  # kdq.engine.train
     "quantized.safetensors", "quantized.json",  # kdq.quant.serialize
     "packed.safetensors", "packed.json",  # kdq.quant.lowbit.pack
     "stage.json", "summary.json", "summary.md",  # kdq.experiment

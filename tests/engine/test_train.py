@@ -59,7 +59,9 @@ def test_resume_reaches_same_weights(toy_data, tmp_path, schedule):
     resumed = TinyNet()
     result = fit(resumed, toy_data, cfg, tmp_path / "b", resume=True)
     assert result.epochs_run == 4
-    assert _state_equal(straight.state_dict(), resumed.state_dict())
+    assert _state_equal(straight.state_dict(), resumed.state_dict())  # the best epoch's (here epoch 1)
+    last = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in "ab"]
+    assert _state_equal(*last)  # the last epoch's, trained after the interruption
     a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_accuracy"] for r in a] == [r["val_accuracy"] for r in b]

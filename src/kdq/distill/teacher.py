@@ -8,6 +8,7 @@ from torch import nn
 from kdq.data import Split
 from kdq.distill.kd import KDLoss
 from kdq.engine.evaluate import predict
+from kdq.engine.objectives import Objective
 from kdq.errors import KdqError
 
 TEACHER_MODES = ("online", "cached")
@@ -21,25 +22,28 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-class Distiller:
+class Distiller(Objective):
     """Objective that scores the student's logits against a teacher's with `loss`.
 
     online: the teacher sees the same augmented batch as the student (default).
     cached: teacher logits are computed once over the un-augmented training set and looked
     up by sample index; far cheaper for an expensive teacher, at the price of soft targets
     that ignore the augmentation.
+    The frozen teacher is held, not a part: Hinton KD has no trainable parts of its own.
     """
 
     def __init__(self, teacher: nn.Module, loss: KDLoss, mode: str = "online", batch_size: int = 512) -> None:
+        super().__init__()
         if mode not in TEACHER_MODES:
             raise KdqError(f"teacher mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
-        self.teacher = freeze(teacher)
+        self.hold("teacher", freeze(teacher))
         self.loss = loss
         self.mode = mode
         self.batch_size = batch_size
         self.cache: torch.Tensor | None = None
 
-    def prepare(self, train: Split, device: torch.device) -> None:
+    def prepare(self, model: nn.Module, train: Split, device: torch.device) -> None:
+        super().prepare(model, train, device)
         self.teacher.to(device)
         if self.mode == "cached":
             self.cache = predict(self.teacher, train.x, self.batch_size).to(device)
@@ -51,5 +55,5 @@ class Distiller:
         with torch.no_grad():
             return self.teacher(inputs)
 
-    def __call__(self, logits, targets, inputs, indices):  # noqa: ANN001 - see kdq.engine.objectives
+    def forward(self, logits, targets, inputs, indices):  # noqa: ANN001 - see kdq.engine.objectives
         return self.loss(logits, self.teacher_logits(inputs, indices), targets)

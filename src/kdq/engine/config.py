@@ -15,11 +15,31 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 # The loop seeds each epoch's generator with seed * 1_000_003 + epoch, which must stay below
 # torch's 2**64 limit; NumPy takes seeds below 2**32.
 SEED_MAX = 2**32 - 1
-# Defaults of the commands that fine-tune a trained model rather than train from scratch:
-# short, moderate learning rate, no warm-up. kdq qat (int8) and kdq qat --bits / kdq recipe.
-QAT_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 0.005, "warmup_epochs": 0.0}
-FINE_TUNE_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 0.01, "warmup_epochs": 0.0}
-QKD_PHASE_EPOCHS = 1  # each of qkd's three phases, unless epochs or the phase's own options say otherwise
+# Defaults of the commands that fine-tune a trained model rather than train from scratch
+# (kdq qat for int8; kdq qat --bits and kdq recipe for low-bit). Why each value:
+# - epochs 3: the weights start trained; a few epochs let them adapt to the quantization grid at
+#   a small fraction of the cost of training (in BENCHMARKS.md's sweep, one epoch at lr 0.01
+#   already lands within 0.3 points of float at w8a8).
+# - warmup_epochs 0: warm-up protects freshly initialised weights and BN statistics from a high lr;
+#   fine-tuning starts from trained ones, and half an epoch would be a sixth of a 3-epoch run.
+# - lr: far below train's 0.05 peak, so the trained weights are refined, not relearned.
+QAT_DEFAULTS: dict[str, Any] = {
+    "epochs": 3,
+    # int8 fake quantization moves each weight by at most half a step of a 255-level grid, so
+    # only a small correction is needed: half the low-bit lr
+    "lr": 0.005,
+    "warmup_epochs": 0.0,
+}
+FINE_TUNE_DEFAULTS: dict[str, Any] = {
+    "epochs": 3,
+    # at 4 bits and below a latent weight must cross a whole quantization step to change its
+    # code, and LSQ learns the step sizes too: twice int8's lr
+    "lr": 0.01,
+    "warmup_epochs": 0.0,
+}
+# Each of qkd's three phases, unless epochs or the phase's own options say otherwise: three
+# phases of one epoch cost what one default fine-tuning run (3 epochs) costs.
+QKD_PHASE_EPOCHS = 1
 _FINITE = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "mixup", "cutmix")
 
 

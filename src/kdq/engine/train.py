@@ -19,13 +19,16 @@ from kdq.data import BatchLoader, DataBundle, cutmix, mixup
 from kdq.engine.config import TrainConfig
 from kdq.engine.device import autocast, resolve_device, seed_everything
 from kdq.engine.evaluate import predict
-from kdq.engine.objectives import CrossEntropy, Objective
+from kdq.engine.objectives import CrossEntropy, LossFunction, Objective, parts_of
 from kdq.errors import KdqError, short_repr
 from kdq.io import append_jsonl, load_checkpoint, load_weights, read_text, save_checkpoint, save_weights, write_text
 from kdq.schema import DAMAGED, Checker
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
+# The best epoch's state of the objective's own parts (an adapter, a co-studied teacher), beside
+# the model's best.safetensors; written only for an objective that has parts.
+BEST_OBJECTIVE = "best_objective.safetensors"
 METRICS = "metrics.jsonl"
 
 
@@ -38,10 +41,17 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, parts: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD or AdamW over `model` and an objective's trainable `parts`, with the same decay rules."""
+    params = [p for m in (model, parts) if m is not None for p in m.parameters() if p.requires_grad]
+    if parts is not None:
+        shared = {id(p) for p in model.parameters()} & {id(p) for p in parts.parameters()}
+        if shared:
+            raise KdqError(f"the objective {type(parts).__name__} registers the model being trained as one of its "
+                           "parts; read it through prepare()'s model argument or keep it with Objective.hold()")
     # Weight decay on BN affine parameters and biases only hurts small nets; exempt 1-D tensors.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -88,26 +98,30 @@ def fit(
     cfg: TrainConfig,
     out_dir: str | Path | None = None,
     *,
-    objective: Objective | None = None,
+    objective: Objective | LossFunction | None = None,
     resume: bool = False,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train `model` on `data.train`, select the epoch with the best validation accuracy.
 
     With `out_dir`, every epoch appends to metrics.jsonl and atomically rewrites
-    checkpoint.pt (model, optimizer, schedule, RNG state), so `resume=True` continues an
-    interrupted run; on the CPU it reaches the same final weights as an uninterrupted run.
-    On return the model holds the best epoch's weights. `on_epoch_start(epoch)` (0-based) runs
-    before each epoch, resumed ones included: QAT uses it to freeze BN statistics and observers.
+    checkpoint.pt (model, objective's parts, optimizer, schedule, RNG state), so `resume=True`
+    continues an interrupted run; on the CPU it reaches the same final weights as an
+    uninterrupted run. The optimizer covers the objective's trainable parts too. On return the
+    model, and the objective's parts, hold the best epoch's weights (best.safetensors and
+    best_objective.safetensors). `on_epoch_start(epoch)` (0-based) runs before each epoch,
+    resumed ones included: QAT uses it to freeze BN statistics and observers.
     """
     out = Path(out_dir) if out_dir is not None else None
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
     model.to(device)
     data = data.to(device)
-    objective = objective or CrossEntropy(cfg.label_smoothing)
+    if objective is None:
+        objective = CrossEntropy(cfg.label_smoothing)
     if hasattr(objective, "prepare"):
-        objective.prepare(data.train, device)
+        objective.prepare(model, data.train, device)
+    parts = parts_of(objective)
 
     augment = cfg.augment
     loader = BatchLoader(
@@ -119,22 +133,23 @@ def fit(
         # a last batch of one sample breaks batch norm; drop the ragged tail when there is more than one batch
         drop_last=len(data.train) > cfg.batch_size,
     )
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, parts)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "bad_epochs": 0}
     history: list[dict[str, Any]] = []
-    best_memory: dict[str, torch.Tensor] | None = None
+    best_memory: dict[str, dict[str, torch.Tensor]] | None = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if resume and (out / CHECKPOINT).exists():
-            state = _restore(out / CHECKPOINT, model, optimizer, scheduler, scaler, device)
+            state = _restore(out / CHECKPOINT, model, objective, optimizer, scheduler, scaler, device)
             history = _read_history(out / METRICS, state["epoch"])
             print(f"kdq: resuming from epoch {state['epoch']} of {cfg.epochs}", file=sys.stderr)
         else:
             (out / METRICS).unlink(missing_ok=True)
+            (out / BEST_OBJECTIVE).unlink(missing_ok=True)
 
     stopped_early = False
     for epoch in range(state["epoch"], cfg.epochs):
@@ -146,7 +161,8 @@ def fit(
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        record = _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch)
+        record = _train_epoch(model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen,
+                              epoch)
         if not math.isfinite(record["train_loss"]):  # before anything of this epoch is saved
             raise KdqError(f"training diverged: the loss is {record['train_loss']} at epoch {epoch + 1}; "
                            f"lower --lr (now {cfg.lr:g}) or the distillation temperature, then rerun")
@@ -157,8 +173,11 @@ def fit(
             state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1, bad_epochs=0)
             if out is not None:
                 save_weights(out / BEST, model.state_dict())
+                if parts is not None:
+                    save_weights(out / BEST_OBJECTIVE, parts.state_dict())
             else:
-                best_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_memory = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
+                               for name, m in (("model", model), ("parts", parts)) if m is not None}
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -171,17 +190,23 @@ def fit(
         )
         if out is not None:
             append_jsonl(out / METRICS, record)
-            save_checkpoint(out / CHECKPOINT, _checkpoint(model, optimizer, scheduler, scaler, state, device))
+            save_checkpoint(out / CHECKPOINT, _checkpoint(model, objective, optimizer, scheduler, scaler, state, device))
 
     if out is not None and (out / BEST).exists():
         model.load_state_dict(load_weights(out / BEST))
+        if parts is not None and (out / BEST_OBJECTIVE).exists():
+            parts.load_state_dict(load_weights(out / BEST_OBJECTIVE))
     elif best_memory is not None:
-        model.load_state_dict(best_memory)
+        model.load_state_dict(best_memory["model"])
+        if parts is not None:
+            parts.load_state_dict(best_memory["parts"])
     return FitResult(state["best_epoch"], state["best_val_accuracy"], state["epoch"], stopped_early, history)
 
 
-def _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch) -> dict:
+def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch) -> dict:
     model.train()
+    if parts is not None:
+        parts.train()
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device)
     seen = 0
@@ -222,9 +247,10 @@ def _train_epoch(model, loader, data, cfg, objective, optimizer, scheduler, scal
     return record
 
 
-def _checkpoint(model, optimizer, scheduler, scaler, state, device) -> dict[str, Any]:
+def _checkpoint(model, objective, optimizer, scheduler, scaler, state, device) -> dict[str, Any]:
     ckpt = {
         "model": model.state_dict(),
+        "objective": _objective_state(objective),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -236,15 +262,24 @@ def _checkpoint(model, optimizer, scheduler, scaler, state, device) -> dict[str,
     return ckpt
 
 
-def _restore(path: Path, model, optimizer, scheduler, scaler, device) -> dict[str, Any]:  # noqa: ANN001
+def _objective_state(objective: object) -> dict[str, torch.Tensor]:
+    return objective.state_dict() if isinstance(objective, nn.Module) else {}
+
+
+def _restore(path: Path, model, objective, optimizer, scheduler, scaler, device) -> dict[str, Any]:  # noqa: ANN001
     """Load checkpoint.pt into the training objects and return the loop state it recorded.
 
     Its structure is checked first, so a damaged or foreign file is one KdqError line.
+    A checkpoint written before objectives had parts has no "objective": it resumes an
+    objective without parts.
     """
     ckpt = load_checkpoint(path)
     check = Checker(path)
     for key in ("model", "optimizer", "scheduler", "scaler"):
         check.mapping(check.key(ckpt, key), key)
+    objective_state = check.mapping(check.key(ckpt, "objective", default={}), "objective")
+    for name, value in objective_state.items():
+        check.expect(isinstance(value, torch.Tensor), value, f"objective.{name}", "a tensor")
     rng = check.key(ckpt, "rng")
     check.expect(isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1,
                  type(rng).__name__, "rng", "a uint8 tensor (the RNG state)")
@@ -254,6 +289,10 @@ def _restore(path: Path, model, optimizer, scheduler, scaler, device) -> dict[st
         state[key] = check.integer(check.key(ckpt, key), key, 0, epoch)
     try:
         model.load_state_dict(ckpt["model"])
+        if isinstance(objective, nn.Module):
+            objective.load_state_dict(objective_state)
+        elif objective_state:
+            raise KeyError("the checkpoint holds an objective's parts, this objective has none")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
