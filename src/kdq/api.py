@@ -26,6 +26,7 @@ from torch import nn
 
 from kdq.data import DataBundle, Split, load_dataset
 from kdq.distill import Distiller, KDLoss
+from kdq.engine import distributed
 from kdq.engine import (
     FitResult,
     TrainConfig,
@@ -291,6 +292,10 @@ def _train_and_report(net, bundle, cfg, out, record, *, objective, resume, overw
     # everything is built and checked by now: only then is the run directory claimed and written
     if out is None:
         return _fit_and_score(net, bundle, cfg, None, record, objective=objective, resume=resume)
+    if not distributed.is_primary():
+        # under torchrun the other ranks train beside the primary and write nothing: only rank 0
+        # claims the directory; they read it (a checkpoint to resume) after fit's barrier
+        return _fit_and_score(net, bundle, cfg, Path(out), record, objective=objective, resume=resume)
     with claim(out, "float", record["command"], resume=resume, overwrite=overwrite, record=record) as out_dir:
         write_config(out_dir, record)
         return _fit_and_score(net, bundle, cfg, out_dir, record, objective=objective, resume=resume)
@@ -300,6 +305,10 @@ def _fit_and_score(net, bundle, cfg, out_dir, record, *, objective, resume) -> R
     start = time.perf_counter()
     result = fit(net, bundle, cfg, out_dir, objective=objective, resume=resume)
     train_time = time.perf_counter() - start
+    if not distributed.is_primary():  # rank 0 scores and writes the run; here, only the fit's summary
+        results = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+                   "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "train_time_s": train_time}
+        return Run(net, out_dir, results, result, record)
     if out_dir is not None:
         save_model(out_dir, net, data_meta(bundle))
         if result.history:

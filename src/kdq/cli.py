@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from kdq.engine import distributed
 from kdq.engine.config import FINE_TUNE_DEFAULTS, QAT_DEFAULTS, QKD_PHASE_EPOCHS, TrainConfig
 from kdq.errors import KdqError, short_repr
 from kdq.io import parse_yaml
@@ -254,6 +255,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     else:
         run = api.distill(args.model, args.teacher, args.data, temperature=args.temperature, alpha=args.alpha,
                           teacher_mode=args.teacher_mode, **common)
+    if not distributed.is_primary():  # under torchrun rank 0 reports for all
+        return
     _print_results(run.results)
     print(f"wrote {Path(args.out)}/ (model.safetensors, model.json, results.json, metrics.jsonl)", file=sys.stderr)
 
@@ -383,12 +386,20 @@ def import_user_modules(names: list[str]) -> None:
             raise KdqError(f"--import {name}: importing it failed ({type(exc).__name__}: {first}); fix that module") from None
 
 
+# The commands that train data-parallel under torchrun; the others (QAT, recipes, experiments)
+# would have every rank write the same run directory, so they are refused there for now.
+DISTRIBUTED_COMMANDS = ("train", "distill")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         import_user_modules(args.imports)
         if getattr(args, "resume", False) and getattr(args, "overwrite", False):
             raise KdqError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+        if distributed.active() and args.command not in DISTRIBUTED_COMMANDS:
+            raise KdqError(f"kdq {args.command} runs as one process; under torchrun only "
+                           f"{' and '.join(DISTRIBUTED_COMMANDS)} are data-parallel")
         COMMANDS[args.command](args)
     except KdqError as exc:
         print(f"kdq: error: {exc}", file=sys.stderr)
@@ -404,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdq: interrupted; rerun the same command with --resume (kdq run resumes by itself)", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()  # under torchrun: leave the process group (a no-op otherwise)
     return 0
 
 

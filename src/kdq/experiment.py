@@ -8,7 +8,7 @@ from typing import Any
 
 from kdq import api
 from kdq.config import Experiment, Stage
-from kdq.engine import describe_machine
+from kdq.engine import describe_machine, distributed
 from kdq.errors import KdqError
 from kdq.io import read_json, write_json, write_text
 from kdq.report.table import human_bytes, markdown_table
@@ -37,6 +37,7 @@ def run_experiment(exp: Experiment, out: str | Path | None = None) -> dict[str, 
     changed is run again from scratch. A stage directory that this experiment did not write
     (no stage.json) is refused before any stage runs.
     """
+    distributed.require_one_process("an experiment")
     root = Path(out or exp.out or Path("runs") / exp.name)
     bundle, data_record = api.resolve_data(exp.data["name"], **{k: v for k, v in exp.data.items() if k != "name"})
     check_claim(root, "experiment", resume=True)

@@ -17,7 +17,7 @@ from torch import nn
 from kdq.api import _renormalized, _run_data, evaluate, load_teacher, record_results
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
-from kdq.engine import TrainConfig, count_params, fit
+from kdq.engine import TrainConfig, count_params, distributed, fit
 from kdq.engine.config import FINE_TUNE_DEFAULTS
 from kdq.engine.train import BEST
 from kdq.errors import KdqError
@@ -126,6 +126,7 @@ def train_lowbit(
     """
     out = Path(out)
     record = run_record(record, cfg, data)
+    distributed.require_one_process("low-bit QAT")
     with claim(out, "lowbit", record["command"], resume=resume, overwrite=overwrite, record=record):
         write_config(out, record)
         start = time.perf_counter() if started is None else started

@@ -18,7 +18,7 @@ from torch import nn
 from kdq.api import _renormalized, _run_data, calibration_set, evaluate, load_teacher, record_results, resolve_data
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
-from kdq.engine import TrainConfig, count_params, fit
+from kdq.engine import TrainConfig, count_params, distributed, fit
 from kdq.engine.config import QAT_DEFAULTS
 from kdq.errors import KdqError
 from kdq.quant import (
@@ -133,6 +133,7 @@ def qat(
               "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha,
               "train": cfg.to_dict(), "data": _data_record(data)}
     callback = qat_freeze_callback(qat_model, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)
+    distributed.require_one_process("int8 QAT")
     with claim(out, "int8", "qat", resume=resume, overwrite=overwrite, record=record):
         write_config(out, record)
         start = time.perf_counter()

@@ -40,7 +40,7 @@ from torch import nn
 from kdq.api import load_teacher
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
-from kdq.engine import count_params, fit
+from kdq.engine import count_params, distributed, fit
 from kdq.config import TRAIN_KEYS
 from kdq.engine.config import QKD_PHASE_EPOCHS, SEED_MAX
 from kdq.engine.objectives import Objective, parts_of
@@ -67,6 +67,7 @@ def run_recipe(name: str, source: str | Path, out: str | Path, *, overwrite: boo
     interrupted ones) or `overwrite` replaces it.
     """
     check_recipe(name, options)
+    distributed.require_one_process(f"the {name} recipe")
     with claim(out, "recipe", "recipe", resume=bool(options.get("resume")), overwrite=overwrite):
         return RECIPES.get(name)(source, out, **options)
 
@@ -84,6 +85,7 @@ def sweep(name: str, source: str | Path, out: str | Path, *, seeds: Sequence[int
     if len(set(seeds)) != len(seeds):
         raise KdqError(f"seeds lists a seed twice: {seeds}; a repeated seed repeats the same run, so give different seeds")
     check_recipe(name, {**options, "seed": seeds[0]})  # before anything is written
+    distributed.require_one_process(f"the {name} sweep")
     float_size = read_results(source).get("size_bytes")
     rows = []
     with claim(out, "recipe", "recipe", resume=bool(options.get("resume")), overwrite=overwrite):

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdq.data import BatchLoader, DataBundle, cutmix, mixup
+from kdq.engine import distributed
 from kdq.engine.config import TrainConfig
 from kdq.engine.device import autocast, resolve_device, seed_everything
 from kdq.engine.evaluate import predict
@@ -86,10 +87,24 @@ def _mix(x, y, num_classes: int, cfg: TrainConfig, gen: torch.Generator):
 
 
 def _val_metrics(model: nn.Module, data: DataBundle, cfg: TrainConfig) -> tuple[float, float]:
+    if distributed.active():
+        return _val_metrics_sharded(model, data, cfg)
     logits = predict(model, data.val.x, cfg.eval_batch_size)
     y = data.val.y.to(logits.device)
     loss = nn.functional.cross_entropy(logits, y).item()
     return (logits.argmax(1) == y).float().mean().item(), loss
+
+
+def _val_metrics_sharded(model: nn.Module, data: DataBundle, cfg: TrainConfig) -> tuple[float, float]:
+    """Each rank scores its share of the validation split; the sums are added over the ranks,
+    so every rank gets the same numbers and takes the same best-epoch decision."""
+    share = lambda t: t.tensor_split(distributed.world_size())[distributed.rank()]  # noqa: E731
+    logits = predict(model, share(data.val.x), cfg.eval_batch_size)
+    y = share(data.val.y).to(logits.device)
+    loss = nn.functional.cross_entropy(logits, y, reduction="sum") if len(y) else logits.sum()
+    totals = torch.stack([(logits.argmax(1) == y).sum().float(), loss.float(), torch.tensor(float(len(y)), device=y.device)])
+    correct, loss_sum, n = distributed.all_reduce_sum(totals).tolist()
+    return correct / n, loss_sum / n
 
 
 def fit(
@@ -111,9 +126,18 @@ def fit(
     model, and the objective's parts, hold the best epoch's weights (best.safetensors and
     best_objective.safetensors). `on_epoch_start(epoch)` (0-based) runs before each epoch,
     resumed ones included: QAT uses it to freeze BN statistics and observers.
+
+    Under torchrun (kdq.engine.distributed) the model runs in DistributedDataParallel and the
+    objective's parts have their gradients averaged; each rank trains on its share of every
+    global batch of `cfg.batch_size`; BN statistics are averaged each epoch, so all ranks hold
+    the same model; metrics are summed over the ranks; only the primary rank writes and prints.
     """
     out = Path(out_dir) if out_dir is not None else None
-    device = resolve_device(cfg.device)
+    world, primary = distributed.world_size(), distributed.is_primary()
+    if world > 1 and cfg.batch_size % world:
+        raise KdqError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
+                       f"{world} processes; use a multiple of {world}")
+    device = distributed.init(resolve_device(cfg.device))
     seed_everything(cfg.seed, cfg.deterministic)
     model.to(device)
     data = data.to(device)
@@ -132,6 +156,8 @@ def fit(
         flip=data.flip and augment,
         # a last batch of one sample breaks batch norm; drop the ragged tail when there is more than one batch
         drop_last=len(data.train) > cfg.batch_size,
+        rank=distributed.rank() if world > 1 else 0,
+        world_size=world,
     )
     optimizer = build_optimizer(model, cfg, parts)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
@@ -141,15 +167,21 @@ def fit(
     state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "bad_epochs": 0}
     history: list[dict[str, Any]] = []
     best_memory: dict[str, dict[str, torch.Tensor]] | None = None
+    distributed.barrier()  # the primary has claimed (and perhaps cleared) `out` before any rank reads it
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / CHECKPOINT).exists():
+        if primary:
+            out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / CHECKPOINT).exists():  # every rank loads the same checkpoint
             state = _restore(out / CHECKPOINT, model, objective, optimizer, scheduler, scaler, device)
-            history = _read_history(out / METRICS, state["epoch"])
-            print(f"kdq: resuming from epoch {state['epoch']} of {cfg.epochs}", file=sys.stderr)
-        else:
+            history = _read_history(out / METRICS, state["epoch"], rewrite=primary)
+            if primary:
+                print(f"kdq: resuming from epoch {state['epoch']} of {cfg.epochs}", file=sys.stderr)
+        elif primary:
             (out / METRICS).unlink(missing_ok=True)
             (out / BEST_OBJECTIVE).unlink(missing_ok=True)
+    # DDP broadcasts rank 0's model on construction; the objective's parts get the same here.
+    train_model = distributed.wrap(model, device)
+    distributed.broadcast_module(parts)
 
     stopped_early = False
     for epoch in range(state["epoch"], cfg.epochs):
@@ -161,8 +193,10 @@ def fit(
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        record = _train_epoch(model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen,
-                              epoch)
+        record = _train_epoch(train_model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device,
+                              gen, epoch)
+        distributed.sync_buffers(model)
+        distributed.sync_buffers(parts)
         if not math.isfinite(record["train_loss"]):  # before anything of this epoch is saved
             raise KdqError(f"training diverged: the loss is {record['train_loss']} at epoch {epoch + 1}; "
                            f"lower --lr (now {cfg.lr:g}) or the distillation temperature, then rerun")
@@ -171,28 +205,33 @@ def fit(
         improved = val_acc > state["best_val_accuracy"]
         if improved:
             state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1, bad_epochs=0)
-            if out is not None:
+            if out is not None and primary:
                 save_weights(out / BEST, model.state_dict())
                 if parts is not None:
                     save_weights(out / BEST_OBJECTIVE, parts.state_dict())
-            else:
+            if out is None or world > 1:  # other ranks never read the primary's files mid-run
                 best_memory = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
                                for name, m in (("model", model), ("parts", parts)) if m is not None}
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         history.append(record)
-        print(
-            f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
-            f"train {record['train_accuracy']:.4f}  val {val_acc:.4f}{'  *' if improved else ''}  "
-            f"{record['images_per_s']:.0f} img/s",
-            file=sys.stderr,
-        )
-        if out is not None:
+        if primary:
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                f"train {record['train_accuracy']:.4f}  val {val_acc:.4f}{'  *' if improved else ''}  "
+                f"{record['images_per_s']:.0f} img/s",
+                file=sys.stderr,
+            )
+        if out is not None and primary:
             append_jsonl(out / METRICS, record)
             save_checkpoint(out / CHECKPOINT, _checkpoint(model, objective, optimizer, scheduler, scaler, state, device))
 
-    if out is not None and (out / BEST).exists():
+    if world > 1 and best_memory is not None:
+        model.load_state_dict(best_memory["model"])
+        if parts is not None:
+            parts.load_state_dict(best_memory["parts"])
+    elif out is not None and (out / BEST).exists():
         model.load_state_dict(load_weights(out / BEST))
         if parts is not None and (out / BEST_OBJECTIVE).exists():
             parts.load_state_dict(load_weights(out / BEST_OBJECTIVE))
@@ -200,6 +239,8 @@ def fit(
         model.load_state_dict(best_memory["model"])
         if parts is not None:
             parts.load_state_dict(best_memory["parts"])
+    if world > 1:
+        distributed.debug_print_hash(model)
     return FitResult(state["best_epoch"], state["best_val_accuracy"], state["epoch"], stopped_early, history)
 
 
@@ -214,7 +255,7 @@ def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, schedule
     bar = tqdm(
         total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
         # None: tqdm turns itself off when stderr is not a terminal (logs, CI)
-        disable=None if cfg.progress else True, file=sys.stderr, dynamic_ncols=True,
+        disable=None if cfg.progress and distributed.is_primary() else True, file=sys.stderr, dynamic_ncols=True,
     )
     for step, (x, y, idx) in enumerate(loader.epoch(gen)):
         targets = y
@@ -225,6 +266,7 @@ def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, schedule
             terms = objective(logits, targets, x, idx)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["loss"]).backward()
+        distributed.average_grads(parts)  # DDP averaged the model's during backward
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -239,6 +281,10 @@ def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, schedule
             bar.set_postfix(loss=f"{(sums['loss'] / seen).item():.3f}",
                             acc=f"{(correct / seen).item():.3f}", img_s=f"{rate:.0f}")
     bar.close()
+    if distributed.active():  # the epoch's totals over every rank's share
+        for value in (*sums.values(), correct):
+            distributed.all_reduce_sum(value)
+        seen = int(distributed.all_reduce_sum(torch.tensor(float(seen), device=device)).item())
     elapsed = time.perf_counter() - start
     record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
     for name, total in sums.items():
@@ -306,7 +352,7 @@ def _restore(path: Path, model, objective, optimizer, scheduler, scaler, device)
     return state
 
 
-def _read_history(path: Path, epochs_done: int) -> list[dict[str, Any]]:
+def _read_history(path: Path, epochs_done: int, rewrite: bool = True) -> list[dict[str, Any]]:
     """Keep the metrics of the epochs the checkpoint covers; drop lines of a lost epoch.
 
     append_jsonl loses at most the line being written: a torn last line (no newline after it)
@@ -331,5 +377,6 @@ def _read_history(path: Path, epochs_done: int) -> list[dict[str, Any]]:
             raise KdqError(f"{path}: line {number} is not a metrics record ({short_repr(line)}); {DAMAGED}")
         rows.append(row)
     rows = [r for r in rows if r["epoch"] <= epochs_done]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    if rewrite:  # only the primary rank writes
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
