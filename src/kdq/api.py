@@ -106,7 +106,7 @@ def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module
     A module must take `data`'s inputs and give one logit per class.
     """
     if isinstance(teacher, nn.Module):
-        shape = _shape_text(data.input_shape)
+        shape = shape_text(data.input_shape)
         try:
             out = predict(teacher, data.val.x[:2])
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
@@ -131,7 +131,7 @@ def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module
     return _renormalized(model, meta, data)
 
 
-def _shape_text(shape: Any) -> str:
+def shape_text(shape: Any) -> str:
     """An input shape as kdq prints it: 1x28x28, or 20 features."""
     if isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         return "x".join(map(str, shape)) + (" features" if len(shape) == 1 else "")
@@ -167,8 +167,8 @@ def check_data_match(
         n_saved = len(saved_classes) if isinstance(saved_classes, list) else "?"
         name = saved_name if isinstance(saved_name, str) and len(saved_name) <= 60 else "unrecorded"
         raise KdqError(
-            f"{source} was trained on {name!r} (input {_shape_text(saved_shape)}, {n_saved} classes) "
-            f"but the data is {data.name!r} (input {_shape_text(list(data.input_shape))}, {data.num_classes} classes): "
+            f"{source} was trained on {name!r} (input {shape_text(saved_shape)}, {n_saved} classes) "
+            f"but the data is {data.name!r} (input {shape_text(list(data.input_shape))}, {data.num_classes} classes): "
             f"different {' and '.join(differs)}; "
             f"{fix or f'pass the data set it was trained on (--data {name})'}"
         )
@@ -459,22 +459,23 @@ def _load_quantized_run(
 ) -> tuple[nn.Module, dict[str, Any], DataBundle]:
     """The quantized model, its float model's metadata, and the data, checked to have its classes."""
     meta = _manifest_meta(run_dir, fmt)
-    bundle = _run_data(run_dir, data)  # checks the data against this same meta
+    bundle = _run_data(run_dir, data, meta)  # checks the data against this same meta
     return fmt.load(run_dir), meta, bundle
 
 
-def _run_data(run_dir: Path, data: str | DataBundle | None) -> DataBundle:
-    """The data set a run directory was trained on (with its own options), or `data`."""
+def _run_data(run_dir: Path, data: str | DataBundle | None, meta: dict[str, Any] | None = None) -> DataBundle:
+    """The data set a run directory was trained on (with its own options), or `data`, checked
+    against the run's saved data description (`meta` when the caller has read it already)."""
     if data is None:
         data = read_config(run_dir).get("data", {}).get("name")
         if data is None:
             raise KdqError(f"{run_dir} does not record its data set; pass --data NAME")
     bundle, _ = resolve_data(data, **_data_options(run_dir, data))
-    check_data_match(_saved_meta(run_dir), bundle, run_dir)
+    check_data_match(saved_meta(run_dir) if meta is None else meta, bundle, run_dir)
     return bundle
 
 
-def _saved_meta(run_dir: Path) -> dict[str, Any]:
+def saved_meta(run_dir: Path) -> dict[str, Any]:
     """The data description saved with a run's model: model.json, or a quantized run's manifest."""
     fmt = _quantized_format(run_dir)
     if fmt is None:

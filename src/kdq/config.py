@@ -281,19 +281,19 @@ def _check_teacher_run(where: str, run: str, shape: tuple[str, tuple[int, ...], 
     Its classes are compared once the data is loaded (load_teacher); what model.json records
     about the data set and input shape is enough to refuse a wrong teacher before any training.
     """
-    from kdq.api import _saved_meta, _shape_text
+    from kdq.api import saved_meta, shape_text
 
     data_name, input_shape, _ = shape
     try:
-        meta = _saved_meta(Path(run))
+        meta = saved_meta(Path(run))
     except KdqError as exc:
         raise KdqError(f"{where}: teacher: {exc}") from None
     saved_shape, saved_name = meta.get("input_shape"), meta.get("dataset")
     other_shape = saved_shape is not None and saved_shape != list(input_shape)
     if other_shape or (isinstance(saved_name, str) and saved_name != data_name):
         raise KdqError(
-            f"{where}: teacher {short_repr(run)} was trained on {short_repr(saved_name)} (input {_shape_text(saved_shape)}) "
-            f"but the experiment's data is {data_name!r} (input {_shape_text(list(input_shape))}); "
+            f"{where}: teacher {short_repr(run)} was trained on {short_repr(saved_name)} (input {shape_text(saved_shape)}) "
+            f"but the experiment's data is {data_name!r} (input {shape_text(list(input_shape))}); "
             f"train a teacher on {data_name} first"
         )
 
