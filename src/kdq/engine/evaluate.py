@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -195,14 +196,20 @@ def measure_speed(
     return results
 
 
-def _cpu_name() -> str:
+@functools.cache
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo (None off Linux); read once per field."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 # The vector extensions that decide how fast int8 and float kernels run on an x86 CPU
@@ -212,14 +219,8 @@ _CPU_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_
 
 def cpu_extensions() -> list[str]:
     """Which of the extensions that matter for kernels this CPU has (empty off Linux/x86)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in _CPU_EXTENSIONS if f in flags]
-    except OSError:
-        pass
-    return []
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [f for f in _CPU_EXTENSIONS if f in flags]
 
 
 def describe_machine(env: dict[str, Any]) -> str:
