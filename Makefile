@@ -27,7 +27,10 @@ data:
 demo: install data
 	$(BIN)/kdq run examples/quickstart.yaml --out runs/quickstart
 
+# The import-layer contracts in pyproject.toml first: a broken layer fails before any test runs.
 test: install data
+	@if [ -x $(BIN)/lint-imports ]; then $(BIN)/lint-imports --no-cache --no-logo; \
+	else echo "make: lint-imports needs Python 3.11+; the import layers are not checked"; fi
 	$(BIN)/python -m pytest -q
 
 bench: install data

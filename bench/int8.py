@@ -63,13 +63,13 @@ def variants(exp, student: str) -> dict[str, str]:  # noqa: ANN001
 
 
 def measure_student(root: Path, names: dict[str, str], work: Path) -> list[dict[str, Any]]:
-    from kdq import api
+    import kdq
 
     rows = []
     labels = {"float": "float", "dynamic": "dynamic PTQ (Linear)", "static": "static PTQ", "qat": "QAT + KD"}
     for kind in ("float", "dynamic", "static", "qat"):
         if kind in names:
-            r = api.evaluate(root / names[kind], out=work / names[kind])
+            r = kdq.evaluate(root / names[kind], out=work / names[kind])
             rows.append({**r, "runtime": "PyTorch", "variant": labels[kind], "kind": kind})
     onnx_dir = work / "onnx"
     exports = [("float", "float", root / names["float"], False),
@@ -77,8 +77,8 @@ def measure_student(root: Path, names: dict[str, str], work: Path) -> list[dict[
     exports += [(f"int8, {labels[k]} scales", k, root / names[k], True) for k in ("static", "qat") if k in names]
     for label, kind, source, int8 in exports:
         path = onnx_dir / f"{names['float']}-{label.replace(' ', '').replace(',', '-')}.onnx"
-        api.export(source, path, int8=int8)
-        r = api.evaluate_onnx_file(path)
+        kdq.export(source, path, int8=int8)
+        r = kdq.stages.evaluate.evaluate_onnx_file(path)
         rows.append({**r, "runtime": "ONNX Runtime", "variant": label, "kind": kind, "params": rows[0]["params"]})
     return rows
 
@@ -156,7 +156,7 @@ def main() -> None:
 
     import yaml
 
-    from kdq import api
+    import kdq
     from kdq.config import apply_override, parse_experiment
     from kdq.engine import describe_machine, environment
     from kdq.experiment import run_experiment
@@ -181,7 +181,7 @@ def main() -> None:
             r["student"] = model
         judge(rows)
         per_student[model] = rows
-    teacher = api.evaluate(root / exp.compare["teacher"], out=work / exp.compare["teacher"])
+    teacher = kdq.evaluate(root / exp.compare["teacher"], out=work / exp.compare["teacher"])
     teacher["runtime"] = "PyTorch"
     env = environment("cpu")
     cmd = "python bench/int8.py " + " ".join(sys.argv[1:])

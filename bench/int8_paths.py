@@ -21,9 +21,8 @@ except ImportError:
     sys.exit("bench/int8_paths.py needs torchao: pip install torchao==0.18.0")
 
 import kdq  # noqa: E402
-from kdq.api import renormalize  # noqa: E402
 from kdq.quant import quantize_static  # noqa: E402
-from kdq.rundir import load_model  # noqa: E402
+from kdq.rundir.load import load_model, renormalize  # noqa: E402
 
 if len(sys.argv) != 2:
     sys.exit("usage: python bench/int8_paths.py RUN_DIR   (a float run of a zoo model)")

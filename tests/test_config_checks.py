@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import kdq
-from kdq.api import load_teacher, renormalize
+from kdq.rundir.load import load_teacher, renormalize
 from kdq.cli import main
 from kdq.config import parse_experiment
 from kdq.data import load_dataset
@@ -150,9 +150,9 @@ def test_valid_experiment_keeps_its_values():
         + "compare: {baseline: a, student: b}\n"
     ))
     b = exp.stages[1]
-    assert (b.temperature, b.alpha, b.model_args) == (2, 0.5, {"width": 4})
-    assert exp.stages[2].quant == {"calibration_batches": 2, "per_channel": False, "skip": ["fc"]}
-    assert exp.stages[4].quant["seeds"] == [0, 1]
+    assert (b.options["temperature"], b.options["alpha"], b.options["model_args"]) == (2, 0.5, {"width": 4})
+    assert exp.stages[2].options == {"source": "b", "calibration_batches": 2, "per_channel": False, "skip": ["fc"]}
+    assert exp.stages[4].options["seeds"] == [0, 1]
 
 
 # ---- model options: names, types and size, before any memory is allocated

@@ -58,7 +58,7 @@ def test_train(tmp_path):
 @pytest.mark.slow
 def test_the_check_sees_unseeded_initial_weights(tmp_path):
     """Without seeding before the model is built, two processes start from different weights."""
-    unseeded = ["-c", "import sys, kdq.api; kdq.api.seed_everything = lambda *a, **k: None; "
+    unseeded = ["-c", "import sys, kdq.stages.train; kdq.stages.train.seed_everything = lambda *a, **k: None; "
                 "from kdq.cli import main; sys.exit(main(sys.argv[1:]))"]
     first, second = _twice(tmp_path, ["train", "--model", "cnn-tiny", *DATA, *FAST, "--seed", "3"], unseeded)
     assert first["model.safetensors"] != second["model.safetensors"]

@@ -9,47 +9,38 @@
       kd:       {kind: distill, model: cnn-small, teacher: teacher, temperature: 4, alpha: 0.7}
     compare: {baseline: baseline, student: kd}
 
+A stage's `kind` is a registered stage (kdq.stages.STAGES) and its keys follow that stage's
+entry point's signature; the values of the keys every kind shares are checked here by name
+(STAGE_RULES), the rest by the stage's own check, all before any stage runs.
+
 Overrides `KEY.PATH=VALUE` address a stage by its name first (`teacher.epochs=2`), else a
 top-level section (`data.subset=1000`, `train.lr=0.1`); values are parsed as YAML scalars.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdq.distill import TEACHER_MODES, KDLoss
-from kdq.engine.config import SEED_MAX, TrainConfig
+from kdq import recipes  # noqa: F401 - registers the recipe stage
+from kdq.distill import TEACHER_MODES
+from kdq.engine.config import SEED_MAX, TRAIN_KEYS, TrainConfig
 from kdq.errors import KdqError, short_repr, suggest
 from kdq.io import parse_yaml, read_yaml
-from kdq.rundir import RUN_FILES, check_name
+from kdq.rundir.layout import RUN_FILES, check_name
+from kdq.rundir.load import saved_meta, shape_text
+from kdq.stages import STAGES, StageKind
 
 TOP_LEVEL = ("name", "out", "data", "train", "stages", "compare")
 DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download")
-STAGE_KINDS = ("train", "distill", "quantize", "qat", "recipe")
-TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
-# int8 stages start from an earlier stage's float model (`source`)
 QUANT_CHOICES = {
     "method": ("static", "dynamic"),
     "backend": ("x86", "fbgemm", "qnnpack"),
     "observer": ("minmax", "moving_average", "histogram"),
 }
-QUANT_KEYS_BY_KIND = {
-    "quantize": ("method", "calibration_batches", "backend", "observer", "per_channel", "skip"),
-    "qat": ("backend", "per_channel", "freeze_bn_epoch", "freeze_observer_epoch",
-            "bits", "quantizer", "act_quantizer", "first_last_bits"),
-}
-LOWBIT_KEYS = ("bits", "quantizer", "act_quantizer", "first_last_bits")  # a qat stage with bits: low-bit
-INT8_QAT_KEYS = ("backend", "per_channel", "freeze_bn_epoch", "freeze_observer_epoch")
-QUANT_KEYS = ("source", *dict.fromkeys(QUANT_KEYS_BY_KIND["quantize"] + QUANT_KEYS_BY_KIND["qat"]))
-# a recipe stage runs kdq.recipes on an earlier float stage: one low-bit run per scheme and seed
-RECIPE_KEYS = ("recipe", "seeds", "phases", "teacher_bits", "cosine_weight")
-RECIPE_OPTIONS = ("teacher", "temperature", "alpha", *LOWBIT_KEYS, *RECIPE_KEYS[2:])
-STAGE_KEYS = ("kind", "model", "model_args", "teacher", "temperature", "alpha", "teacher_mode") + TRAIN_KEYS + QUANT_KEYS + RECIPE_KEYS
 
 
 # ---- what each value may be: (what to write, test), checked for every key and every stage before
@@ -93,7 +84,6 @@ DATA_RULES: dict[str, Rule] = {
     "download": ("true or false", lambda v: isinstance(v, bool)),
 }
 STAGE_RULES: dict[str, Rule] = {
-    "kind": _choice(STAGE_KINDS),
     "model": ("a model name (see `kdq models`)", _is_str),
     "model_args": ("a mapping of model options, e.g. {width: 16}", lambda v: v is None or isinstance(v, dict)),
     "teacher": ("an earlier stage's name or a run directory", _is_str),
@@ -134,16 +124,20 @@ def _check_values(values: dict[str, Any], rules: dict[str, Rule], where: str) ->
 @dataclass
 class Stage:
     name: str
-    kind: str
-    model: str
-    train: TrainConfig
-    model_args: dict[str, Any] = field(default_factory=dict)
-    teacher: str | None = None  # an earlier stage's name, or a run directory
-    temperature: float = 4.0
-    alpha: float = 0.7
-    teacher_mode: str = "online"
-    source: str | None = None  # quantize / qat: the earlier stage whose float model is used
-    quant: dict[str, Any] = field(default_factory=dict)
+    kind: str  # a registered stage (kdq.stages.STAGES)
+    model: str  # the model it trains, or the one its source stage trained (the summary's architecture)
+    options: dict[str, Any] = field(default_factory=dict)  # its YAML keys but training options, checked
+    train: dict[str, Any] = field(default_factory=dict)  # training options: inherited defaults + its own
+
+    @property
+    def source(self) -> str | None:
+        """The earlier stage whose model it starts from (quantize, qat, recipe)."""
+        return self.options.get("source")
+
+    @property
+    def teacher(self) -> str | None:
+        """An earlier stage's name, or a run directory."""
+        return self.options.get("teacher")
 
 
 @dataclass
@@ -233,12 +227,7 @@ def parse_experiment(raw: dict[str, Any], default_name: str = "experiment") -> E
     for name, body in stages_raw.items():
         check_name(name if isinstance(name, str) else str(name), "stage name", reserved=RUN_FILES)
         earlier = {s.name: s for s in stages}
-        stage = _parse_stage(str(name), _mapping(body, f"stage {name!r}"), defaults, earlier)
-        if stage.kind in ("train", "distill"):
-            _check_model(f"stage {name!r}", stage, shape)
-        if stage.teacher is not None and stage.teacher not in earlier:
-            _check_teacher_run(f"stage {name!r}", stage.teacher, shape)
-        stages.append(stage)
+        stages.append(_parse_stage(str(name), _mapping(body, f"stage {name!r}"), defaults, earlier, shape))
     compare = _mapping(raw.get("compare"), "compare")
     _check_keys(compare, ("baseline", "student", "teacher"), "compare")
     kinds = {s.name: s.kind for s in stages}
@@ -246,10 +235,84 @@ def parse_experiment(raw: dict[str, Any], default_name: str = "experiment") -> E
         if not isinstance(stage_name, str) or stage_name not in kinds:
             raise KdqError(f"compare.{role} names stage {short_repr(stage_name)}, which does not exist"
                            f"{suggest(str(stage_name), kinds)}")
-        if kinds[stage_name] == "recipe":
-            raise KdqError(f"compare.{role} names recipe stage {stage_name!r}, which holds one run per scheme; "
-                           "compare train, distill, quantize or qat stages (the recipe's sweep report compares its runs)")
+        if STAGES.get(kinds[stage_name]).collect is not None:
+            raise KdqError(f"compare.{role} names {kinds[stage_name]} stage {stage_name!r}, which holds several runs; "
+                           "compare stages of one run each (the recipe's sweep report compares its runs)")
     return Experiment(str(raw.get("name", default_name)), data, stages, compare, raw.get("out"), raw)
+
+
+def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: dict[str, Stage],
+                 shape: tuple[str, tuple[int, ...], int]) -> Stage:
+    """One stage, checked against its kind's signature, rules and own check before any work."""
+    where = f"stage {name!r}"
+    kind_name = body.get("kind", "distill" if "teacher" in body else "train")
+    _check_values({"kind": kind_name}, {"kind": _choice(tuple(STAGES.yaml_kinds()))}, where)
+    kind = STAGES.get(kind_name)
+    options = {k: v for k, v in body.items() if k != "kind"}
+    model = ""  # a kind that neither trains nor starts from a model
+    takes = kind.source_param()
+    for key in ("model", "model_args"):
+        if key in body and takes == "run":
+            raise KdqError(f"{where}: {key!r} does not apply to a {kind.name} stage; "
+                           f"it starts from the model of stage {short_repr(body.get('source'))}")
+    _check_stage_keys(kind, options, where)
+    _check_values(options, STAGE_RULES, where)
+    _check_default_types(kind, options, where)
+    if takes == "run":
+        model = earlier[_float_source(where, body, earlier)].model
+    if takes in ("model", "student"):
+        if "model" not in body:
+            raise KdqError(f"{where} needs a model, e.g. model: cnn-small (see `kdq models`)")
+        model = str(body["model"])
+        _check_model(where, model, _mapping(body.get("model_args"), f"{where} model_args"), shape)
+    teacher = kind.parameters().get("teacher")
+    if "teacher" in options or (teacher is not None and teacher.default is teacher.empty):
+        options["teacher"] = _teacher(where, options.get("teacher"), earlier)
+        if options["teacher"] not in earlier:
+            _check_teacher_run(where, options["teacher"], shape)
+    inherited = defaults if kind.inherit is None else {k: defaults[k] for k in kind.inherit if k in defaults}
+    train = {**inherited, **{k: options.pop(k) for k in list(options) if k in TRAIN_KEYS}} if kind.takes_training() else {}
+    try:
+        TrainConfig.from_dict({**kind.train_defaults, **train})
+        if kind.check is not None:
+            kind.check(options, train)
+    except (KdqError, TypeError) as exc:
+        raise KdqError(f"{where}: {exc}") from None
+    return Stage(name, kind.name, model, options, train)
+
+
+def _check_stage_keys(kind: StageKind, options: dict[str, Any], where: str) -> None:
+    """Every key is one the kind's entry point takes; a key of another kind says which."""
+    allowed = kind.yaml_keys()
+    for key in options:
+        if key in allowed:
+            continue
+        owners = [k.name for k in STAGES if k.yaml and key in k.yaml_keys()]
+        own = ", ".join(k for k in allowed if k not in TRAIN_KEYS) + (" and training options" if kind.takes_training() else "")
+        if owners:
+            kinds = ", ".join(owners)
+            raise KdqError(f"{where}: {key!r} does not apply to a {kind.name} stage (it belongs to {kinds} stages, "
+                           f"kind: {owners[0]}); it takes {own}")
+        raise KdqError(f"unknown key {short_repr(key)} in {where}{suggest(str(key), allowed)}; allowed: kind, {', '.join(allowed)}")
+
+
+def _check_default_types(kind: StageKind, options: dict[str, Any], where: str) -> None:
+    """A key no shared rule covers (a new stage's own) must have the type of its default."""
+    params = kind.parameters()
+    for key, value in options.items():
+        p = params.get(key)
+        if key in STAGE_RULES or p is None or p.default is p.empty or p.default is None:
+            continue
+        typed = type(p.default)
+        ok = isinstance(value, typed) and (typed is bool or not isinstance(value, bool))
+        if typed is float:
+            ok = _is_number(value)
+        if not ok:
+            raise KdqError(f"{where}: {key} must be {_TYPE_WORDS.get(typed, typed.__name__)} like its default "
+                           f"{p.default!r}, got {short_repr(value)}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _data_shape(name: str) -> tuple[str, tuple[int, ...], int]:
@@ -263,14 +326,14 @@ def _data_shape(name: str) -> tuple[str, tuple[int, ...], int]:
     return name, tuple(source.input_shape), source.num_classes
 
 
-def _check_model(where: str, stage: Stage, shape: tuple[str, tuple[int, ...], int]) -> None:
+def _check_model(where: str, model: str, model_args: dict[str, Any], shape: tuple[str, tuple[int, ...], int]) -> None:
     """The stage's model name and options, and its size, checked without building it."""
     from kdq.models.registry import check_model, model_input_size
 
     data_name, input_shape, num_classes = shape
     try:
-        in_channels = model_input_size(stage.model, input_shape, data_name)
-        check_model(stage.model, num_classes, in_channels, **stage.model_args)
+        in_channels = model_input_size(model, input_shape, data_name)
+        check_model(model, num_classes, in_channels, **model_args)
     except KdqError as exc:
         raise KdqError(f"{where}: {exc}") from None
 
@@ -281,8 +344,6 @@ def _check_teacher_run(where: str, run: str, shape: tuple[str, tuple[int, ...], 
     Its classes are compared once the data is loaded (load_teacher); what model.json records
     about the data set and input shape is enough to refuse a wrong teacher before any training.
     """
-    from kdq.api import saved_meta, shape_text
-
     data_name, input_shape, _ = shape
     try:
         meta = saved_meta(Path(run))
@@ -298,86 +359,11 @@ def _check_teacher_run(where: str, run: str, shape: tuple[str, tuple[int, ...], 
         )
 
 
-def _check_lowbit(where: str, quant: dict[str, Any]) -> None:
-    """A qat stage is int8 or low-bit: reject mixed keys, and a bad scheme before any training."""
-    lowbit = [k for k in LOWBIT_KEYS if k in quant]
-    if not lowbit:
-        return
-    if "bits" not in quant:
-        raise KdqError(f"{where}: {lowbit[0]!r} needs bits, e.g. bits: w4a4")
-    if not isinstance(quant["bits"], str):
-        raise KdqError(f"{where}: bits must be one scheme such as w4a4 in a qat stage (a recipe stage takes a list)")
-    mixed = [k for k in INT8_QAT_KEYS if k in quant]
-    if mixed:
-        raise KdqError(f"{where}: {mixed[0]!r} is an int8 QAT option and does not apply with bits: {quant['bits']}")
-    from kdq.lowbit_api import lowbit_config
-
-    try:
-        lowbit_config(str(quant["bits"]), quant.get("quantizer", "lsq"), quant.get("act_quantizer"),
-                      quant.get("first_last_bits", 8))
-    except KdqError as exc:
-        raise KdqError(f"{where}: {exc}") from None
-
-
-def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: dict[str, Stage]) -> Stage:
-    where = f"stage {name!r}"
-    _check_keys(body, STAGE_KEYS, where)
-    _check_values(body, STAGE_RULES, where)
-    kind = body.get("kind", "distill" if "teacher" in body else "train")
-    if kind not in STAGE_KINDS:
-        raise KdqError(f"{where}: kind must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
-    if kind == "recipe":
-        return _parse_recipe(name, body, defaults, earlier)
-    for key in RECIPE_KEYS:
-        if key in body:
-            raise KdqError(f"{where}: {key!r} belongs to recipe stages (kind: recipe)")
-    if kind in ("quantize", "qat"):
-        source = _float_source(where, body, earlier)
-        for key in ("model", "model_args"):
-            if key in body:
-                raise KdqError(f"{where}: {key!r} does not apply to a {kind} stage; it quantizes the model of stage {source!r}")
-        body = {**body, "model": earlier[source].model}
-        for key in QUANT_KEYS[1:]:
-            if key in body and key not in QUANT_KEYS_BY_KIND[kind]:
-                raise KdqError(f"{where}: {key!r} does not apply to a {kind} stage; it takes {', '.join(QUANT_KEYS_BY_KIND[kind])}")
-        quant = {k: body[k] for k in QUANT_KEYS_BY_KIND[kind] if k in body}
-        if kind == "qat":
-            _check_lowbit(where, quant)
-            # fine-tuning keeps its own gentle defaults: only the stage's own training keys and
-            # the run-control defaults (batch size, device, progress) carry over
-            carried = {k: defaults[k] for k in ("batch_size", "device", "progress", "amp", "seed") if k in defaults}
-            quant["train"] = {**carried, **{k: v for k, v in body.items() if k in TRAIN_KEYS}}
-    if "model" not in body:
-        raise KdqError(f"{where} needs a model, e.g. model: cnn-small (see `kdq models`)")
-    train_values = {**defaults, **{k: v for k, v in body.items() if k in TRAIN_KEYS}}
-    try:
-        train = TrainConfig.from_dict(train_values)
-    except TypeError as exc:
-        raise KdqError(f"{where}: {exc}") from None
-    except KdqError as exc:
-        raise KdqError(f"{where}: {exc}") from None
-    stage = Stage(name, kind, str(body["model"]), train, _mapping(body.get("model_args"), f"{where} model_args"))
-    if kind in ("quantize", "qat"):
-        stage.source, stage.quant = str(body["source"]), quant
-    if kind == "distill" or (kind == "qat" and "teacher" in body):
-        stage.teacher = _teacher(where, body.get("teacher"), earlier)
-        stage.temperature = body.get("temperature", 4.0)
-        stage.alpha = body.get("alpha", 0.7)
-        stage.teacher_mode = body.get("teacher_mode", "online")
-        try:
-            KDLoss(stage.temperature, stage.alpha)
-        except KdqError as exc:
-            raise KdqError(f"{where}: {exc}") from None
-        if stage.teacher_mode not in TEACHER_MODES:
-            raise KdqError(f"{where}: teacher_mode must be one of {', '.join(TEACHER_MODES)}")
-    return stage
-
-
 def _float_source(where: str, body: dict[str, Any], earlier: dict[str, Stage]) -> str:
     """The earlier train or distill stage a quantize, qat or recipe stage starts from."""
     source = body.get("source")
-    if source not in earlier or earlier[source].kind not in ("train", "distill"):
-        floats = [n for n, s in earlier.items() if s.kind in ("train", "distill")]
+    floats = [n for n, s in earlier.items() if STAGES.get(s.kind).run_kind({}) == "float"]
+    if source not in floats:
         raise KdqError(f"{where}: source must name an earlier train or distill stage{suggest(str(source), floats)}")
     return str(source)
 
@@ -391,34 +377,3 @@ def _teacher(where: str, teacher: Any, earlier: dict[str, Stage]) -> str:
             f"{suggest(str(teacher), earlier)}"
         )
     return str(teacher)
-
-
-def _parse_recipe(name: str, body: dict[str, Any], defaults: dict[str, Any], earlier: dict[str, Stage]) -> Stage:
-    """A recipe stage: `recipe` run on `source` at `bits` for each of `seeds`, checked before any work."""
-    from kdq.recipes import RECIPES, check_recipe
-
-    where = f"stage {name!r}"
-    source = _float_source(where, body, earlier)
-    if "recipe" not in body:
-        raise KdqError(f"{where} needs a recipe: one of {', '.join(RECIPES.names())}")
-    not_here = [k for k in body if k not in ("kind", "source", "recipe", "seeds", *RECIPE_OPTIONS, *TRAIN_KEYS)]
-    if not_here:
-        raise KdqError(f"{where}: {not_here[0]!r} does not apply to a recipe stage")
-    seeds = body.get("seeds", [defaults.get("seed", 0)])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-        raise KdqError(f"{where}: seeds must be a list of integers, e.g. seeds: [0, 1]")
-    options = {k: body[k] for k in RECIPE_OPTIONS if k in body}
-    if "teacher" in options:
-        options["teacher"] = _teacher(where, options["teacher"], earlier)
-    # like qat stages: the stage's own training keys and the run-control defaults carry over
-    carried = {k: defaults[k] for k in ("batch_size", "device", "progress", "amp") if k in defaults}
-    options.update(carried, **{k: v for k, v in body.items() if k in TRAIN_KEYS and k != "seed"})
-    try:
-        check_recipe(str(body["recipe"]), options)
-    except KdqError as exc:
-        raise KdqError(f"{where}: {exc}") from None
-    model = earlier[source].model
-    stage = Stage(name, "recipe", model, TrainConfig.from_dict({}), source=source,
-                  quant={"recipe": str(body["recipe"]), "seeds": seeds, **options})
-    stage.teacher = options.get("teacher")
-    return stage

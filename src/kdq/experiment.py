@@ -6,15 +6,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdq import api
 from kdq.config import Experiment, Stage
 from kdq.engine import describe_machine, distributed
 from kdq.errors import KdqError
 from kdq.io import read_json, write_json, write_text
+from kdq.recipes import write_report
 from kdq.report.table import human_bytes, markdown_table
-from kdq.rundir import check_claim, claim, read_results
+from kdq.rundir.claim import check_claim, claim
+from kdq.rundir.layout import STAGE_FILE, SUMMARY_JSON, SUMMARY_MD, read_results
+from kdq.rundir.load import resolve_data
+from kdq.stages import STAGES
 
-STAGE_FILE = "stage.json"
 COLUMNS = (
     ("stage", "model"),
     ("arch", "architecture"),
@@ -39,7 +41,7 @@ def run_experiment(exp: Experiment, out: str | Path | None = None) -> dict[str, 
     """
     distributed.require_one_process("an experiment")
     root = Path(out or exp.out or Path("runs") / exp.name)
-    bundle, data_record = api.resolve_data(exp.data["name"], **{k: v for k, v in exp.data.items() if k != "name"})
+    bundle, data_record = resolve_data(exp.data["name"], **{k: v for k, v in exp.data.items() if k != "name"})
     check_claim(root, "experiment", resume=True)
     for stage in exp.stages:
         ours = (root / stage.name / STAGE_FILE).exists()
@@ -49,18 +51,17 @@ def run_experiment(exp: Experiment, out: str | Path | None = None) -> dict[str, 
 
 
 def _run_kind(stage: Stage) -> str:
-    """The kind of run directory a stage writes (kdq.rundir.KINDS)."""
-    if stage.kind == "qat" and "bits" in stage.quant:
-        return "lowbit"
-    return {"train": "float", "distill": "float", "quantize": "int8", "qat": "int8", "recipe": "recipe"}[stage.kind]
+    """The kind of run directory a stage writes (kdq.rundir.layout.KINDS)."""
+    return STAGES.get(stage.kind).run_kind(stage.options)
 
 
 def _claim_stage(stage: Stage, stage_dir: Path, same: bool):  # noqa: ANN202
     """Claim a stage's directory: resumed when its configuration is unchanged, else replaced
-    (only when stage.json says this experiment wrote it; quantize has nothing to resume)."""
+    (only when stage.json says this experiment wrote it; a stage that cannot resume, such as
+    quantize, is replaced too)."""
     ours = (stage_dir / STAGE_FILE).exists()
-    return claim(stage_dir, _run_kind(stage), "run", resume=same,
-                 overwrite=ours and (not same or stage.kind == "quantize"))
+    resumable = "resume" in STAGES.get(stage.kind).parameters()
+    return claim(stage_dir, _run_kind(stage), "run", resume=same, overwrite=ours and (not same or not resumable))
 
 
 def _run_stages(exp: Experiment, root: Path, bundle, data_record: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
@@ -69,35 +70,24 @@ def _run_stages(exp: Experiment, root: Path, bundle, data_record: dict[str, Any]
     for stage in exp.stages:
         stage_dir = root / stage.name
         print(f"== {exp.name}: stage {stage.name} ({stage.kind} {stage.model}) -> {stage_dir}", file=sys.stderr)
-        if stage.kind == "recipe":
-            # lines of the report are rows by stage: two stages may run one recipe differently
-            rows = [{**r, "recipe": stage.name} for r in _run_recipe(stage, bundle, data_record, stage_dir, root, results)]
-            sweep_rows += rows
-            several = len(stage.quant["seeds"]) > 1
-            for row in rows:
-                key = f"{stage.name}/{row['bits']}" + (f" seed{row['seed']}" if several else "")
-                results[key] = {**read_results(row["run"]), "arch": f"{stage.model} {row['bits']}"}
-        else:
-            results[stage.name] = _run_stage(stage, bundle, data_record, stage_dir, root, results)
+        rows, sweep = _run_stage(stage, bundle, data_record, stage_dir, root, results)
+        results.update(rows)
+        sweep_rows += sweep
     summary = summarize(exp, results)
     text = summary["table"] + "\n\n" + "\n".join(summary["notes"]) + "\n"
     if sweep_rows:
         summary["sweep"] = _sweep_report(exp, sweep_rows, results, root)
         summary["sweep_rows"] = sweep_rows
         text += "\n" + summary["sweep"] + "\n"
-    write_json(root / "summary.json", summary)
-    write_text(root / "summary.md", text)
+    write_json(root / SUMMARY_JSON, summary)
+    write_text(root / SUMMARY_MD, text)
     print(text, end="")
     return summary
 
 
-def _fingerprint(stage: Stage, data_record: dict[str, Any], teacher: str | None) -> dict[str, Any]:
+def _fingerprint(stage: Stage, data_record: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """What a stage's results depend on; equal fingerprints mean the finished run can be reused."""
-    return {
-        "kind": stage.kind, "model": stage.model, "model_args": stage.model_args, "train": stage.train.to_dict(),
-        "data": data_record, "teacher": teacher, "temperature": stage.temperature, "alpha": stage.alpha,
-        "teacher_mode": stage.teacher_mode, "source": stage.source, "quant": stage.quant,
-    }
+    return {"kind": stage.kind, "model": stage.model, "options": options, "train": stage.train, "data": data_record}
 
 
 def _same_fingerprint(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
@@ -121,79 +111,46 @@ def _finished_results(stage_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _resolve_teacher(stage: Stage, root: Path, earlier: dict[str, Any]) -> str | None:
-    if stage.teacher is None:
-        return None
-    return str(root / stage.teacher) if stage.teacher in earlier else stage.teacher
-
-
-def _run_recipe(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Path, root: Path,
-                earlier: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: ANN001
-    """A recipe stage: its finished (scheme, seed) runs are kept when the stage is unchanged."""
-    from kdq.recipes import sweep
-
-    teacher = _resolve_teacher(stage, root, earlier)
-    fingerprint = _fingerprint(stage, data_record, teacher)
-    same = _same_fingerprint(stage_dir, fingerprint)
-    options = {k: v for k, v in stage.quant.items() if k not in ("recipe", "seeds")}
-    if teacher is not None:
-        options["teacher"] = teacher
-    with _claim_stage(stage, stage_dir, same):
-        write_json(stage_dir / STAGE_FILE, fingerprint)
-        return sweep(stage.quant["recipe"], root / stage.source, stage_dir, seeds=stage.quant["seeds"],
-                     data=bundle, resume=same, **options)
+def _resolved(stage: Stage, root: Path, earlier: dict[str, Any]) -> dict[str, Any]:
+    """The stage's options with earlier stages' names (source, teacher) as their directories."""
+    options = dict(stage.options)
+    if stage.source is not None:
+        options["source"] = str(root / stage.source)
+    if stage.teacher is not None and stage.teacher in earlier:
+        options["teacher"] = str(root / stage.teacher)
+    return options
 
 
 def _sweep_report(exp: Experiment, rows: list[dict[str, Any]], results: dict[str, Any], root: Path) -> str:
-    from kdq.recipes import write_report
-
-    source = next(s for s in exp.stages if s.kind == "recipe").source
+    source = next(s for s in exp.stages if STAGES.get(s.kind).collect is not None).source
     return write_report(rows, root, results.get(source, {}).get("accuracy"),
                         f"{exp.name}: accuracy against bit width", f"stage {source}")
 
 
 def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Path, root: Path,
-               earlier: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
-    teacher = _resolve_teacher(stage, root, earlier)
-    options = stage.train.to_dict()
-    fingerprint = _fingerprint(stage, data_record, teacher)
+               earlier: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:  # noqa: ANN001
+    """Run (or reuse) one stage; its rows for the table, and for a sweep report."""
+    kind = STAGES.get(stage.kind)
+    options = _resolved(stage, root, earlier)
+    fingerprint = _fingerprint(stage, data_record, options)
     same = _same_fingerprint(stage_dir, fingerprint)
-    finished = _finished_results(stage_dir) if same else {}
-    if same and finished:
+    finished = _finished_results(stage_dir) if same and kind.collect is None else {}
+    if finished:
         print(f"   reusing finished stage {stage.name} (delete {stage_dir} to retrain)", file=sys.stderr)
-        return {**finished, "arch": _arch(stage)}
+        return {stage.name: {**finished, "arch": _arch(stage)}}, []
     with _claim_stage(stage, stage_dir, same):
         write_json(stage_dir / STAGE_FILE, fingerprint)
-        if stage.kind in ("quantize", "qat"):
-            from kdq.lowbit_api import lowbit_qat
-            from kdq.quantize_api import qat, quantize
-
-            source = root / stage.source
-            options = dict(stage.quant)
-            if stage.kind == "quantize":
-                results = quantize(source, stage_dir, data=bundle, **options)
-            else:
-                train = options.pop("train", {})
-                fine_tune = lowbit_qat if "bits" in options else qat  # a qat stage with bits is low-bit
-                results = fine_tune(source, stage_dir, teacher=teacher, temperature=stage.temperature, alpha=stage.alpha,
-                                    resume=same, data=bundle, **options, **train)
-            return {**results, "arch": _arch(stage)}
-        common = dict(out=stage_dir, resume=same, model_kwargs=stage.model_args, **options)
-        if stage.kind == "train":
-            run = api.train(stage.model, bundle, **common)
-        else:
-            run = api.distill(stage.model, teacher, bundle, temperature=stage.temperature, alpha=stage.alpha,
-                              teacher_mode=stage.teacher_mode, **common)
-        return {**run.results, "arch": _arch(stage)}
+        returned = kind.call(options, stage.train, data=bundle, out=stage_dir, resume=same)
+    if kind.collect is not None:  # several runs (a recipe: one per scheme and seed)
+        return kind.collect(stage, returned)
+    results = returned if isinstance(returned, dict) else returned.results  # a training stage returns a Run
+    return {stage.name: {**results, "arch": _arch(stage)}}, []
 
 
 def _arch(stage: Stage) -> str:
     """The table's architecture cell: the model, with its precision when quantized."""
-    if stage.kind == "quantize":
-        return f"{stage.model} int8"
-    if stage.kind == "qat":
-        return f"{stage.model} {stage.quant.get('bits', 'int8')}"
-    return stage.model
+    arch = STAGES.get(stage.kind).arch
+    return stage.model if arch is None else arch(stage.model, stage.options)
 
 
 def _latency_cell(r: dict[str, Any]) -> str:

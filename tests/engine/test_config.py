@@ -91,7 +91,7 @@ def test_deterministic_switches_cuda_to_deterministic_kernels(monkeypatch):
 
 
 def test_fine_tuning_defaults_are_the_ones_the_commands_apply():
-    from kdq.lowbit_api import fine_tune_config
+    from kdq.stages.lowbit import fine_tune_config
 
     cfg = fine_tune_config({})
     assert {k: getattr(cfg, k) for k in FINE_TUNE_DEFAULTS} == FINE_TUNE_DEFAULTS

@@ -102,20 +102,34 @@ def test_a_global_batch_that_does_not_divide_is_refused(monkeypatch):
     assert not torch.distributed.is_initialized()  # refused before joining a process group
 
 
-def test_commands_not_yet_data_parallel_are_refused(monkeypatch, capsys, tmp_path):
+def test_commands_not_data_parallel_are_refused(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert main(["qat", str(tmp_path / "none"), "--out", str(tmp_path / "q")]) == 2
-    assert "kdq qat runs as one process; under torchrun only train and distill" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "none"), "--out", str(tmp_path / "q")]) == 2
+    assert "kdq quantize runs as one process; under torchrun only train, distill, qat and recipe" in capsys.readouterr().err
 
 
-def test_python_entry_points_not_yet_data_parallel_are_refused(monkeypatch, tmp_path):
-    from kdq.recipes import run_recipe
+def test_python_entry_points_not_data_parallel_are_refused(monkeypatch, tmp_path):
+    from kdq.stages.quantize import quantize
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(KdqError, match="the individual recipe runs as one process for now"):
-        run_recipe("individual", tmp_path / "none", tmp_path / "out", bits="w4a4")
+    with pytest.raises(KdqError, match="int8 post-training quantization runs as one process"):
+        quantize(tmp_path / "none", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before the directory is claimed
+
+
+def test_only_the_primary_claims(monkeypatch, tmp_path):
+    """Under torchrun a rank other than 0 gets the directory back untouched; rank 0 claims it."""
+    from kdq.rundir import claim
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.primary_only(claim(tmp_path / "out", "lowbit", "qat-lowbit"), tmp_path / "out") as out:
+        assert out == tmp_path / "out" and not out.exists()
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "0")
+    with distributed.primary_only(claim(tmp_path / "out", "lowbit", "qat-lowbit"), tmp_path / "out"):
+        assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "running"
 
 
 # ---- two processes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -15,53 +14,19 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+# ort never imports this module, so verifying an export with ONNX Runtime makes no cycle.
+from kdq.deploy.metadata import get_metadata, kdq_metadata, load_onnx, save_onnx, set_metadata
+from kdq.deploy.ort import OrtModel, check_agreement
 from kdq.errors import KdqError
-from kdq.io import atomic_write
 
-META_KEY = "kdq"
-# What a later `kdq evaluate model.onnx` needs to rebuild the data pipeline and name the classes.
-META_FIELDS = ("classes", "mean", "std", "input_shape", "dataset", "architecture")
-PRECISIONS = ("float32", "int8")
+__all__ = [  # get_metadata and set_metadata live in kdq.deploy.metadata and stay importable from here
+    "MIN_FLOAT_AGREEMENT", "clip_in_integers", "export_onnx", "get_metadata", "kdq_metadata",
+    "quantize_onnx_static", "set_metadata",
+]
+
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # Float ONNX vs PyTorch differ only by kernel rounding, so argmax must agree almost everywhere.
 MIN_FLOAT_AGREEMENT = 0.999
-
-
-def kdq_metadata(meta: dict[str, Any], precision: str) -> dict[str, Any]:
-    """The JSON stored under `metadata_props["kdq"]`: the model.json fields plus precision."""
-    if precision not in PRECISIONS:
-        raise KdqError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    missing = [k for k in ("classes", "mean", "std", "input_shape") if meta.get(k) is None]
-    if missing:
-        raise KdqError(f"ONNX export needs model metadata {', '.join(missing)}; pass the run's model.json as meta")
-    out = {k: meta.get(k) for k in META_FIELDS}
-    out["input_shape"] = list(out["input_shape"])
-    out.update(precision=precision, producer="kdq")
-    return out
-
-
-def set_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
-    """Replace any earlier kdq entry so a re-quantized file never carries two."""
-    kept = [p for p in proto.metadata_props if p.key != META_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
-
-
-def get_metadata(proto: onnx.ModelProto) -> dict[str, Any] | None:
-    """The kdq entry of an ONNX model, or None when it has none (or an unreadable one)."""
-    for prop in proto.metadata_props:
-        if prop.key == META_KEY:
-            try:
-                value = json.loads(prop.value)
-            except ValueError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
-
-
-def _save(proto: onnx.ModelProto, path: str | Path) -> Path:
-    return atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def _torchscript_export(model: nn.Module, example: torch.Tensor, f: io.BytesIO, opset: int) -> None:
@@ -111,15 +76,13 @@ def export_onnx(
     if int8:
         clip_in_integers(proto)
     set_metadata(proto, info)
-    path = _save(proto, path)
+    path = save_onnx(proto, path)
     if verify and not int8:
         _verify(model, path, example)
     return path
 
 
 def _verify(model: nn.Module, path: Path, example: torch.Tensor) -> None:
-    from kdq.deploy.ort import OrtModel, check_agreement
-
     result = check_agreement(model, OrtModel(path), example)
     if result["agreement"] < MIN_FLOAT_AGREEMENT:
         path.unlink(missing_ok=True)  # a file that disagrees with its source must not be left to use
@@ -234,8 +197,6 @@ def quantize_onnx_static(
     activation_types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     if activation_type not in activation_types:
         raise KdqError(f"activation_type must be one of {', '.join(activation_types)}, got {activation_type!r}")
-    from kdq.deploy.ort import load_onnx  # same checks and messages as loading for inference
-
     proto, meta = load_onnx(float_onnx_path)
     if meta.get("precision") != "float32":
         raise KdqError(f"{float_onnx_path} is already {meta.get('precision')}; quantize the float export")
@@ -253,4 +214,4 @@ def quantize_onnx_static(
         )
         out = onnx.load(str(quant))
     set_metadata(out, {**meta, "precision": "int8"})
-    return _save(out, out_path)
+    return save_onnx(out, out_path)

@@ -5,72 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import nn
 
-from kdq.deploy.onnx_export import PRECISIONS, get_metadata
+from kdq.deploy.metadata import first_line, load_onnx, read_onnx
 from kdq.engine.evaluate import classification_metrics, environment, measure_speed, predict
 from kdq.errors import KdqError
-from kdq.schema import Checker
 
-
-MAX_ONNX_BYTES = 2 << 30
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _read_bytes(path: str | Path) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise KdqError(f"ONNX file {str(path)!r} not found; create it with `kdq export`")
-    try:
-        if path.stat().st_size > MAX_ONNX_BYTES:  # protobuf's own limit: nothing larger is an ONNX model
-            raise KdqError(f"{path} is larger than 2 GB, too large for an ONNX model; export it again with `kdq export`")
-        return path.read_bytes()
-    except OSError as exc:
-        raise KdqError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _parse(data: bytes, path: str | Path) -> onnx.ModelProto:
-    name = Path(path).name
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
-        raise KdqError(f"{name} is not a valid ONNX file ({_first_line(exc)})") from None
-    # Random bytes can decode as an almost-empty protobuf; a real model has a graph and IR version.
-    if proto.ir_version == 0 or not proto.graph.node or not proto.graph.input:
-        raise KdqError(f"{name} is not a valid ONNX file (no graph)")
-    return proto
-
-
-def _load(path: str | Path) -> tuple[bytes, onnx.ModelProto, dict[str, Any]]:
-    data = _read_bytes(path)
-    proto = _parse(data, path)
-    meta = get_metadata(proto)
-    if meta is None:
-        raise KdqError(f"{Path(path).name} is not a kdq export (no kdq metadata); export it with `kdq export`")
-    check_metadata(meta, path)
-    return data, proto, meta
-
-
-def check_metadata(meta: dict[str, Any], path: str | Path) -> None:
-    """The kdq metadata an evaluation reads (classes, normalisation, input shape, precision)."""
-    check = Checker(f"{path} (kdq metadata)", fix="export the run again with `kdq export`")
-    check.data_fields(meta)
-    check.key(meta, "dataset")  # evaluation without --data reads it (data_fields checked its type)
-    check.string(check.key(meta, "precision"), "precision", PRECISIONS)
-    if meta.get("architecture") is not None:  # informational only: nothing is built from it
-        check.mapping(meta["architecture"], "architecture")
-
-
-def load_onnx(path: str | Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Parse an ONNX file and its kdq metadata; every failure is a one-line KdqError."""
-    _, proto, meta = _load(path)
-    return proto, meta
+__all__ = ["OrtModel", "check_agreement", "evaluate_onnx", "load_onnx"]  # load_onnx: kept importable from here
 
 
 class OrtModel:
@@ -80,7 +22,7 @@ class OrtModel:
         import onnxruntime as ort
 
         self.path = Path(path)
-        data, _, self.meta = _load(path)
+        data, _, self.meta = read_onnx(path)
         opts = ort.SessionOptions()
         # Same thread count as PyTorch by default, so speed comparisons are between runtimes, not thread pools.
         opts.intra_op_num_threads = threads or torch.get_num_threads()
@@ -91,7 +33,7 @@ class OrtModel:
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT raises pybind exception types per failure
-            raise KdqError(f"ONNX Runtime cannot load {self.path.name}: {_first_line(exc)}") from None
+            raise KdqError(f"ONNX Runtime cannot load {self.path.name}: {first_line(exc)}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
@@ -103,7 +45,7 @@ class OrtModel:
         except Exception as exc:  # noqa: BLE001 - ORT raises pybind exception types per failure
             # typically a forward that used the batch size as a number, so the export froze it
             raise KdqError(
-                f"ONNX Runtime cannot run {self.path.name} on a batch of shape {list(x.shape)}: {_first_line(exc)[:200]}; "
+                f"ONNX Runtime cannot run {self.path.name} on a batch of shape {list(x.shape)}: {first_line(exc)[:200]}; "
                 "if the model's forward turns a size into a Python number (len(x), int(...)), the export froze it: "
                 "use x.shape[0] or reshape(-1, ...) instead"
             ) from None

@@ -103,6 +103,10 @@ class TrainConfig:
         return out
 
 
+# The training options by name: YAML keys, CLI flags and a stage's **options.
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
+
+
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 

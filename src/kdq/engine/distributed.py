@@ -12,6 +12,8 @@ import hashlib
 import inspect
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,8 @@ from kdq.errors import KdqError
 
 # When set, fit prints every rank's final weight hash to stderr (the two-process test compares them).
 DEBUG_HASH_ENV = "KDQ_DEBUG_RANK_HASH"
+
+T = TypeVar("T")
 
 
 def rank() -> int:
@@ -45,10 +49,19 @@ def is_primary() -> bool:
     return not active() or rank() == 0
 
 
+def primary_only(context: AbstractContextManager[T], value: T) -> AbstractContextManager[T]:
+    """`context` on the primary rank; on the others a stand-in that yields `value` and does nothing.
+
+    Only rank 0 claims a run directory: `with distributed.primary_only(claim(out, ...), out):`.
+    """
+    return context if is_primary() else nullcontext(value)
+
+
 def require_one_process(what: str) -> None:
     """Refuse, before anything is written, a command whose every rank would write the same files."""
     if active():
-        raise KdqError(f"{what} runs as one process for now; under torchrun only train and distill are data-parallel")
+        raise KdqError(f"{what} runs as one process; under torchrun only train, distill, qat and recipe "
+                       "are data-parallel")
 
 
 def init(device: torch.device) -> torch.device:
@@ -106,13 +119,34 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
 
 
+def _broadcast(tensors: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
 def broadcast_module(module: nn.Module | None) -> None:
     """Rank 0's parameters and buffers on every rank (an objective's parts, which DDP does not own)."""
-    if module is None or not dist.is_initialized():
-        return
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+    if module is not None and dist.is_initialized():
+        _broadcast(list(module.parameters()) + list(module.buffers()))
+
+
+def broadcast_buffers(module: nn.Module | None) -> None:
+    """Rank 0's buffers on every rank: after validation, which moves int8 QAT observers (they
+    observe in eval mode too) on each rank's own share of the validation split."""
+    if module is not None and dist.is_initialized():
+        _broadcast(list(module.buffers()))
+
+
+def share_first_step(module: nn.Module | None) -> None:
+    """After a run's first step: rank 0's parameters and non-floating buffers on every rank.
+
+    State a module sets from the first batch it sees (LSQ step sizes and signs) starts from
+    each rank's own share; from here on it is rank 0's. Parameters DDP keeps equal do not
+    change; floating buffers (running statistics) are averaged at each epoch's end instead.
+    """
+    if module is not None and dist.is_initialized():
+        _broadcast(list(module.parameters()) + [b for b in module.buffers() if not b.is_floating_point()])
 
 
 def average_grads(module: nn.Module | None) -> None:
@@ -148,6 +182,6 @@ def state_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def debug_print_hash(module: nn.Module) -> None:
-    if os.environ.get(DEBUG_HASH_ENV):
-        print(f"kdq: rank {rank()} weights sha256 {state_hash(module)}", file=sys.stderr)
+def debug_print_hash(module: nn.Module | None, what: str = "weights") -> None:
+    if module is not None and os.environ.get(DEBUG_HASH_ENV):
+        print(f"kdq: rank {rank()} {what} sha256 {state_hash(module)}", file=sys.stderr)

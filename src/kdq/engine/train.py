@@ -23,14 +23,8 @@ from kdq.engine.evaluate import predict
 from kdq.engine.objectives import CrossEntropy, LossFunction, Objective, parts_of
 from kdq.errors import KdqError, short_repr
 from kdq.io import append_jsonl, load_checkpoint, load_weights, read_text, save_checkpoint, save_weights, write_text
+from kdq.rundir.layout import BEST, BEST_OBJECTIVE, CHECKPOINT, METRICS
 from kdq.schema import DAMAGED, Checker
-
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.safetensors"
-# The best epoch's state of the objective's own parts (an adapter, a co-studied teacher), beside
-# the model's best.safetensors; written only for an objective that has parts.
-BEST_OBJECTIVE = "best_objective.safetensors"
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -129,8 +123,10 @@ def fit(
 
     Under torchrun (kdq.engine.distributed) the model runs in DistributedDataParallel and the
     objective's parts have their gradients averaged; each rank trains on its share of every
-    global batch of `cfg.batch_size`; BN statistics are averaged each epoch, so all ranks hold
-    the same model; metrics are summed over the ranks; only the primary rank writes and prints.
+    global batch of `cfg.batch_size`; state set from the first batch (LSQ step sizes) is rank
+    0's after the first step; BN statistics and observers are averaged each epoch, and rank 0's
+    kept after validation, so all ranks hold the same model; metrics are summed over the ranks;
+    only the primary rank writes and prints.
     """
     out = Path(out_dir) if out_dir is not None else None
     world, primary = distributed.world_size(), distributed.is_primary()
@@ -201,6 +197,8 @@ def fit(
             raise KdqError(f"training diverged: the loss is {record['train_loss']} at epoch {epoch + 1}; "
                            f"lower --lr (now {cfg.lr:g}) or the distillation temperature, then rerun")
         val_acc, val_loss = _val_metrics(model, data, cfg)
+        distributed.broadcast_buffers(model)
+        distributed.broadcast_buffers(parts)
         record.update(val_accuracy=val_acc, val_loss=val_loss)
         improved = val_acc > state["best_val_accuracy"]
         if improved:
@@ -241,6 +239,7 @@ def fit(
             parts.load_state_dict(best_memory["parts"])
     if world > 1:
         distributed.debug_print_hash(model)
+        distributed.debug_print_hash(parts, "objective")
     return FitResult(state["best_epoch"], state["best_val_accuracy"], state["epoch"], stopped_early, history)
 
 
@@ -270,6 +269,9 @@ def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, schedule
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if epoch == 0 and step == 0:  # a resumed run restores this state instead
+            distributed.share_first_step(model)
+            distributed.share_first_step(parts)
         # Accumulate on the device; reading a value back would force a sync every step.
         for name, value in terms.items():
             sums[name] = sums.get(name, 0) + value.detach().float() * len(y)

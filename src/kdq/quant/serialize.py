@@ -17,12 +17,11 @@ from torch import nn
 
 from kdq.errors import KdqError, short_repr
 from kdq.io import load_weights, read_json, save_weights, write_json
-from kdq.schema import DAMAGED, Checker
 from kdq.models import create_model
 from kdq.models.registry import check_registered
+from kdq.rundir.layout import INT8_MANIFEST as MANIFEST, INT8_TENSORS as TENSORS
+from kdq.schema import DAMAGED, Checker
 
-TENSORS = "quantized.safetensors"
-MANIFEST = "quantized.json"
 FORMAT = "kdq-int8"
 # Dynamic int8 LSTM and GRU layers (their packed weights are saved as plain tensors).
 _DynamicRNN = torch.ao.nn.quantized.dynamic.modules.rnn.RNNBase

@@ -9,11 +9,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from kdq.io import atomic_write  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically and close it (pyplot keeps every open figure alive)."""
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
@@ -44,7 +46,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: str | Path
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -61,4 +63,4 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 
 from kdq.errors import KdqError
-from kdq.report.plots import _save
+from kdq.report.plots import save_figure
 from kdq.report.table import human_bytes, markdown_table
 
 # The scheme grammar of kdq.quant.lowbit.LowBitConfig.parse, repeated so that reporting
@@ -233,4 +233,4 @@ def plot_sweep(rows: Iterable[dict[str, Any]], path: str | Path, reference: floa
     ax.set_title(title or "accuracy by weight bits")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -27,11 +27,10 @@ from kdq.models import create_model
 from kdq.models.registry import check_registered
 from kdq.quant.lowbit.layers import lowbit_layers, rebuild_lowbit
 from kdq.quant.lowbit.quantizers import MAX_BITS, QuantCodes, check_bits
+from kdq.rundir.layout import PACKED_MANIFEST as MANIFEST, PACKED_TENSORS as TENSORS
 from kdq.schema import DAMAGED, Checker
 
-TENSORS = "packed.safetensors"
 FILE_KEY = "kdq_packed"  # header key of the manifest in a single-file export
-MANIFEST = "packed.json"
 FORMAT = "kdq-lowbit"
 # Codes handled per step: a multiple of 8, so every step but the last fills whole bytes, and
 # small enough that the (codes x bits) intermediate stays a few MB for any model.

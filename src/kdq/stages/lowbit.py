@@ -1,9 +1,10 @@
 """Low-bit quantization-aware training of a run directory's model, optionally distilled.
 
-    kdq.lowbit_qat("runs/teacher", "runs/w4a4", bits="w4a4", quantizer="lsq", teacher="runs/teacher")
+    kdq.qat("runs/teacher", "runs/w4a4", bits="w4a4", quantizer="lsq", teacher="runs/teacher")
 
 The run directory it writes holds packed.safetensors + packed.json (weights at their real bit
 width, no pickle), config.yaml, metrics.jsonl and results.json; `kdq evaluate` reads it back.
+The recipes (kdq.recipes) build on these functions.
 """
 
 from __future__ import annotations
@@ -14,24 +15,26 @@ from typing import Any
 
 from torch import nn
 
-from kdq.api import _renormalized, _run_data, evaluate, load_teacher, record_results
 from kdq.data import DataBundle
 from kdq.distill import Distiller, KDLoss
 from kdq.engine import TrainConfig, count_params, distributed, fit
 from kdq.engine.config import FINE_TUNE_DEFAULTS
-from kdq.engine.train import BEST
 from kdq.errors import KdqError
 from kdq.io import load_weights
 from kdq.models import create_model
 from kdq.quant.lowbit import LowBitConfig, quantize_lowbit, save_packed
-from kdq.quant.lowbit.pack import MANIFEST, TENSORS, read_manifest
-from kdq.quantize_api import _data_record, _spec
-from kdq.rundir import claim, load_model, write_config
+from kdq.quant.lowbit.pack import read_manifest
+from kdq.rundir.claim import claim
+from kdq.rundir.layout import BEST, PACKED_MANIFEST, PACKED_TENSORS, write_config
+from kdq.rundir.load import data_record, load_model, load_teacher, renormalized, run_data
+from kdq.stages.common import primary_results, record_results, zoo_spec
+from kdq.stages.evaluate import evaluate
 
 # A quantizer that handles one role only is paired with the usual partner for the other:
 # PACT activations with DoReFa weights (as in the PACT paper), binary/ternary weights with LSQ
 # activations.
 PARTNER = {"pact": ("dorefa", "pact"), "binary": ("binary", "lsq"), "ternary": ("ternary", "lsq")}
+LOWBIT_KEYS = ("bits", "quantizer", "act_quantizer", "first_last_bits")
 
 
 def lowbit_config(bits: str, quantizer: str = "lsq", act_quantizer: str | None = None,
@@ -90,19 +93,19 @@ def lowbit_source(run: str | Path, data: str | DataBundle | None) -> tuple[nn.Mo
     weights its training kept (best.safetensors), quantizer state left out.
     """
     run = Path(run)
-    if not (run / MANIFEST).exists():
+    if not (run / PACKED_MANIFEST).exists():
         model, meta = load_model(run)
-        _spec(model, run)  # a zoo model: load_packed rebuilds it from its kdq_spec, which quantize_lowbit keeps
-        return model, meta, _run_data(run, data)
+        zoo_spec(model, run)  # a zoo model: load_packed rebuilds it from its kdq_spec, which quantize_lowbit keeps
+        return model, meta, run_data(run, data)
     if not (run / BEST).exists():
         raise KdqError(f"{run} holds a packed low-bit model without its latent weights ({BEST}); "
                        "start from the float run it was made from, or rerun that stage")
-    manifest = read_manifest(run / MANIFEST)
+    manifest = read_manifest(run / PACKED_MANIFEST)
     model = create_model(**manifest["spec"])
     floats = model.state_dict()
     state = {k: v for k, v in load_weights(run / BEST).items() if k in floats}
     model.load_state_dict(state)
-    return model, manifest.get("meta", {}), _run_data(run, data)
+    return model, manifest.get("meta", {}), run_data(run, data)
 
 
 def train_lowbit(
@@ -126,20 +129,25 @@ def train_lowbit(
     """
     out = Path(out)
     record = run_record(record, cfg, data)
-    distributed.require_one_process("low-bit QAT")
-    with claim(out, "lowbit", record["command"], resume=resume, overwrite=overwrite, record=record):
-        write_config(out, record)
+    primary = distributed.is_primary()
+    claimed = claim(out, "lowbit", record["command"], resume=resume, overwrite=overwrite, record=record)
+    with distributed.primary_only(claimed, out):
+        if primary:
+            write_config(out, record)
         start = time.perf_counter() if started is None else started
         result = fit(qmodel, data, cfg, out, objective=objective, resume=resume)
+        if not primary:  # under torchrun: rank 0 packs, scores and writes; the others take its results
+            return primary_results(out)
         save_packed(qmodel.cpu(), out, meta={**meta, "float_params": float_params})
-        results = evaluate(_renormalized(qmodel, meta, data), data, weights=out / TENSORS)
+        results = evaluate(renormalized(qmodel, meta, data), data, weights=out / PACKED_TENSORS)
         results.update(runtime="pytorch-fakequant", bits=record.get("bits"), quantizer=qmodel.kdq_lowbit["config"],
                        params=float_params, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
                        train_time_s=time.perf_counter() - start)
         record_results(out, results, data)
+    distributed.barrier()  # the other ranks read results.json, and a later scheme this run's files
     return results
 
 
 def run_record(record: dict[str, Any], cfg: TrainConfig, data: DataBundle) -> dict[str, Any]:
     """A low-bit run's config.yaml: `record` with its training options and data."""
-    return {**record, "train": cfg.to_dict(), "data": _data_record(data)}
+    return {**record, "train": cfg.to_dict(), "data": data_record(data)}

@@ -61,7 +61,7 @@ def test_teacher_from_other_split_is_renormalised(digits, tmp_path):
     """A teacher saved with other normalisation statistics sees inputs in its own units."""
     kdq.train("cnn-tiny", digits, out=tmp_path / "t", **FAST)
     other = kdq.load_dataset("digits", subset=200, seed=5)
-    teacher = kdq.api.load_teacher(tmp_path / "t", other)
+    teacher = kdq.rundir.load.load_teacher(tmp_path / "t", other)
     raw = other.test.x[:3] * torch.tensor(other.std).reshape(1, -1, 1, 1) + torch.tensor(other.mean).reshape(1, -1, 1, 1)
     model, meta = kdq.load_model(tmp_path / "t")
     own = (raw - torch.tensor(meta["mean"]).reshape(1, -1, 1, 1)) / torch.tensor(meta["std"]).reshape(1, -1, 1, 1)

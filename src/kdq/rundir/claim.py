@@ -1,146 +1,45 @@
-"""The run directory: the unit of output. Weights in safetensors, everything else in JSON/YAML."""
+"""Who is writing a run directory, and what kind of run it holds.
+
+Every command that writes a run directory first calls `claim`: it refuses, in one line and
+before anything is written, to mix runs of different kinds, to replace a finished run
+unasked, to resume a run with other options, or to write where another process is writing.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
-from torch import nn
 
-from kdq.errors import KdqError, short_repr
-from kdq.io import load_weights, read_json, read_yaml, save_weights, write_json, write_text
-from kdq.schema import Checker
-
-WEIGHTS = "model.safetensors"
-MODEL_META = "model.json"
-CONFIG = "config.yaml"
-RESULTS = "results.json"
-FORMAT = "kdq-model"
-_RESULT_NUMBERS = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "train_time_s")
-
-
-def save_model(run_dir: str | Path, model: nn.Module, data_meta: dict[str, Any]) -> Path:
-    """Write model.safetensors and model.json: enough to rebuild the model without pickle."""
-    run_dir = Path(run_dir)
-    save_weights(run_dir / WEIGHTS, model.state_dict())
-    meta = {"format": FORMAT, "version": 1, "architecture": getattr(model, "kdq_spec", None),
-            "class": f"{type(model).__module__}.{type(model).__qualname__}",  # for messages only: never imported
-            **data_meta}
-    write_json(run_dir / MODEL_META, meta)
-    return run_dir / WEIGHTS
-
-
-def read_model_meta(run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise KdqError(f"run directory {str(run_dir)!r} not found; create it with `kdq train ... --out {run_dir}`")
-    meta_path = run_dir / MODEL_META
-    if not meta_path.exists():
-        hint = " (training was interrupted: rerun the same command with --resume)" if (run_dir / "checkpoint.pt").exists() else ""
-        raise KdqError(f"{run_dir} holds no finished model: {MODEL_META} is missing{hint}")
-    meta = read_json(meta_path, expect=dict)
-    if meta.get("format") != FORMAT:
-        raise KdqError(f"{meta_path} is not a kdq model description (format {short_repr(meta.get('format'))})")
-    check = Checker(meta_path)
-    arch = check.key(meta, "architecture")
-    if arch is not None:  # None: a user's own module, loaded with module=
-        check.model_spec(arch, "architecture")
-    check.data_fields(meta)
-    return meta
-
-
-def _check_rebuildable(run_dir: Path, arch: dict[str, Any] | None, cls: Any) -> None:
-    """Refuse, in one line saying how to fix it, a model this process has no registered builder for."""
-    from kdq.models.registry import check_registered
-
-    what = f" (class {short_repr(cls)})" if isinstance(cls, str) else ""
-    if arch is None:
-        raise KdqError(
-            f"{run_dir} holds a custom model{what} built without kdq.models.create_model, so kdq cannot rebuild it; "
-            "register its class with kdq.models.register_model, train it by that name and pass the registering module "
-            "with `kdq --import MODULE`, or load it in Python with kdq.load_model(path, module=YourModel())"
-        )
-    check_registered(arch["name"], str(run_dir), cls)
-
-
-def load_model(run_dir: str | Path, module: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved model from its run directory (or load the weights into `module`)."""
-    from kdq.models import create_model
-
-    run_dir = Path(run_dir)
-    meta = read_model_meta(run_dir)
-    if module is None:
-        arch = meta.get("architecture")
-        _check_rebuildable(run_dir, arch, meta.get("class"))
-        module = create_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("kwargs", {}))
-    try:
-        module.load_state_dict(load_weights(run_dir / WEIGHTS))
-    except (RuntimeError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise KdqError(f"weights in {run_dir / WEIGHTS} do not fit the model: {first}") from None
-    return module, meta
-
-
-def write_config(run_dir: str | Path, config: dict[str, Any]) -> Path:
-    return write_text(Path(run_dir) / CONFIG, yaml.safe_dump(config, sort_keys=False))
-
-
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG
-    config = read_yaml(path) if path.exists() else {}
-    check = Checker(path)
-    check.mapping(config)
-    check.mapping(config.get("data", {}), "data")
-    return config
-
-
-def write_results(run_dir: str | Path, results: dict[str, Any]) -> Path:
-    return write_json(Path(run_dir) / RESULTS, results)
-
-
-def read_results(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / RESULTS
-    if not path.exists():
-        return {}
-    results = read_json(path, expect=dict)
-    check = Checker(path)
-    for key in _RESULT_NUMBERS:  # what summaries and reports compute with
-        if results.get(key) is not None:
-            check.number(results[key], key)
-    if "environment" in results:
-        check.mapping(results["environment"], "environment")
-    return results
-
-
-# ---- what a run directory holds, and who is writing it
-#
-# Every command that writes a run directory first calls `claim`: it refuses, in one line and
-# before anything is written, to mix runs of different kinds, to replace a finished run
-# unasked, to resume a run with other options, or to write where another process is writing.
-
-RUN_FILE = "run.json"  # {"kind": ..., "command": ..., "status": "running" | "finished"}
-LOCK_FILE = ".kdq.lock"  # flock()ed by the process writing the directory; holds its pid
-CONFUSION = "confusion_matrix.png"
-EVAL_PREFIX = "eval-"  # `kdq evaluate RUN` writes eval-<split>.json / eval-<data>-<split>.json
-KINDS = ("float", "int8", "lowbit", "recipe", "experiment")
-STATUSES = ("running", "finished")
-# Stage, experiment and scheme names become folder names: plain names only, never paths.
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-# The files kdq writes in a run directory (names kept here so --overwrite knows exactly what
-# is kdq's); any other file in the folder, e.g. an exported model.onnx, is left alone.
-RUN_FILES = (
-    RUN_FILE, CONFIG, RESULTS, WEIGHTS, MODEL_META, CONFUSION, "training_curves.png",
-    "metrics.jsonl", "checkpoint.pt", "best.safetensors", "best_objective.safetensors",  # kdq.engine.train
-    "quantized.safetensors", "quantized.json",  # kdq.quant.serialize
-    "packed.safetensors", "packed.json",  # kdq.quant.lowbit.pack
-    "stage.json", "summary.json", "summary.md",  # kdq.experiment
-    "phase.json", "sweep.md", "sweep.png",  # kdq.recipes
+from kdq.errors import KdqError
+from kdq.io import read_json, read_yaml, write_json
+from kdq.rundir.layout import (
+    CHECKPOINT,
+    CONFIG,
+    EVAL_PREFIX,
+    INT8_MANIFEST,
+    KINDS,
+    LOCK_FILE,
+    MODEL_META,
+    PACKED_MANIFEST,
+    PHASE_DIRS,
+    RESULTS,
+    RUN_FILE,
+    RUN_FILES,
+    STAGE_FILE,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    SWEEP_MD,
+    WEIGHTS,
 )
-PHASE_DIRS = ("self_studying", "co_studying")  # qkd's intermediate phases inside a scheme's run
+
+STATUSES = ("running", "finished")
 # What each command's config.yaml "command" makes (for run directories written before run.json)
 _KIND_OF_COMMAND = {"train": "float", "distill": "float", "quantize": "int8", "qat": "int8",
                     "qat-lowbit": "lowbit", "recipe": "lowbit"}
@@ -150,29 +49,6 @@ RESUME_MAY_CHANGE = ("epochs", "patience", "device", "progress", "eval_batch_siz
 _RESUME_MAY_CHANGE_DATA = ("data_dir", "download")
 
 _HELD: dict[Path, int] = {}  # run directories this process has claimed (nested claims are free)
-
-
-def check_name(name: Any, what: str, reserved: tuple[str, ...] = ()) -> str:
-    """`name` if it is a plain name (NAME_PATTERN) usable as a folder name and not one of
-    `reserved` (files kdq writes beside it), else a KdqError."""
-    import re
-
-    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-        raise KdqError(f"{what} {str(name)[:80]!r} is not a plain name: use letters, digits, '.', '_' and '-', "
-                       "starting with a letter or digit, at most 64 characters (never a path)")
-    if name in reserved:
-        raise KdqError(f"{what} {name!r} is the name of a file kdq writes beside it; choose another name")
-    return name
-
-
-def eval_file(split: str, data: str | None = None) -> str:
-    """The file `kdq evaluate` writes in a run directory: eval-<split>.json for the run's own
-    data set, eval-<data>-<split>.json for another (its confusion matrix: the same name, .png)."""
-    import re
-
-    if data is None:
-        return f"{EVAL_PREFIX}{split}.json"
-    return f"{EVAL_PREFIX}{re.sub(r'[^A-Za-z0-9._-]', '_', data)[:64]}-{split}.json"
 
 
 class RunState(NamedTuple):
@@ -197,35 +73,31 @@ def run_state(run_dir: str | Path) -> RunState:
     kind, command = _infer_kind(run_dir, names)
     if kind is None:
         return RunState(None, None, None)
-    done = {"recipe": "sweep.md", "experiment": "summary.json"}.get(kind, RESULTS)
+    done = {"recipe": SWEEP_MD, "experiment": SUMMARY_JSON}.get(kind, RESULTS)
     return RunState(kind, "finished" if done in names else "running", command)
 
 
 def _infer_kind(run_dir: Path, names: set[str]) -> tuple[str | None, str | None]:
     """(kind, command) of a run directory written before run.json existed."""
-    import re
-
     command = None
     if CONFIG in names:
         try:
-            from kdq.io import read_yaml
-
             config = read_yaml(run_dir / CONFIG)
             command = config.get("command") if isinstance(config, dict) else None
         except KdqError:
             command = None
-    if "quantized.json" in names:
+    if INT8_MANIFEST in names:
         return "int8", command
-    if "packed.json" in names:
+    if PACKED_MANIFEST in names:
         return "lowbit", command
     if names & {WEIGHTS, MODEL_META}:
         return "float", command
     if command in _KIND_OF_COMMAND:
         return _KIND_OF_COMMAND[command], command
     subdirs = [run_dir / n for n in names if (run_dir / n).is_dir()]
-    if names & {"summary.json", "summary.md"} or any((d / "stage.json").is_file() for d in subdirs):
+    if names & {SUMMARY_JSON, SUMMARY_MD} or any((d / STAGE_FILE).is_file() for d in subdirs):
         return "experiment", "run"
-    if "sweep.md" in names or any(re.fullmatch(r"seed\d+", d.name) or (d / "packed.json").is_file() for d in subdirs):
+    if SWEEP_MD in names or any(re.fullmatch(r"seed\d+", d.name) or (d / PACKED_MANIFEST).is_file() for d in subdirs):
         return "recipe", "recipe"
     return None, None
 
@@ -290,8 +162,6 @@ def check_resume(run_dir: str | Path, record: dict[str, Any]) -> None:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists():
         return  # interrupted before config.yaml was written: nothing to compare with
-    from kdq.io import read_yaml
-
     saved = read_yaml(run_dir / CONFIG)
     new = yaml.safe_load(yaml.safe_dump(record, sort_keys=False))  # as it would be saved
     diff = _difference(saved if isinstance(saved, dict) else {}, new, "")
@@ -358,9 +228,6 @@ def _open_lock(out: Path, create: bool) -> int | None:
 
 def clear_run(run_dir: str | Path) -> None:
     """Remove what kdq wrote in `run_dir`: RUN_FILES, eval-* files, qkd phases and sub-runs."""
-    import re
-    import shutil
-
     run_dir = Path(run_dir)
     for entry in run_dir.iterdir():
         name = entry.name
@@ -421,7 +288,7 @@ def claim(out: str | Path, kind: str, command: str, *, resume: bool = False, ove
         except KdqError:
             # a new run stopped by a bad argument found late: leave nothing half-made, unless
             # training already saved a checkpoint to resume from (a folder of runs keeps its runs)
-            if fresh and kind not in ("recipe", "experiment") and not (out / "checkpoint.pt").exists():
+            if fresh and kind not in ("recipe", "experiment") and not (out / CHECKPOINT).exists():
                 clear_run(out)
             raise
         write_json(out / RUN_FILE, {"kind": kind, "command": command, "status": "finished"})

@@ -17,7 +17,8 @@ import yaml
 
 from kdq.cli import main
 from kdq.errors import KdqError
-from kdq.rundir import LOCK_FILE, RUN_FILE, check_name, check_resume, claim, run_state
+from kdq.rundir import check_name, check_resume, claim, run_state
+from kdq.rundir.layout import LOCK_FILE, RUN_FILE
 
 FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--subset", "300"]
 

@@ -60,7 +60,7 @@ def test_takd_chain_passes_each_precision_to_the_next(float_run, digits, tmp_pat
     assert second["source"] == second["teacher"] == str(tmp_path / "w8a8")
     assert third["source"] == third["teacher"] == str(tmp_path / "w4a4")
     # the 4-bit link started from the 8-bit link's latent weights, not the float model's
-    start, _, _ = kdq.lowbit_api.lowbit_source(tmp_path / "w8a8", digits)
+    start, _, _ = kdq.stages.lowbit.lowbit_source(tmp_path / "w8a8", digits)
     float_model, _ = kdq.load_model(float_run)
     key = next(k for k, v in float_model.state_dict().items() if v.ndim == 4)  # the first conv's weight
     assert not torch.equal(start.state_dict()[key], float_model.state_dict()[key])
@@ -102,7 +102,7 @@ def test_qkd_resumed_after_co_studying_reloads_the_trained_teacher(float_run, di
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # dies as tutoring starts: both phases are finished
-        patch.setattr(recipes, "train_lowbit", interrupt)
+        patch.setattr(recipes.qkd, "train_lowbit", interrupt)
         with pytest.raises(KeyboardInterrupt):
             recipes.run_recipe("qkd", float_run, tmp_path / "resumed", **options)
     teacher = load_weights(co / "best_objective.safetensors")
@@ -121,7 +121,7 @@ def test_co_studying_trains_the_teacher_too(float_run, digits):
     student = quantize_lowbit(model, LowBitConfig.parse("w4a4"))
     teacher, _ = kdq.load_model(float_run)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    kdq.engine.fit(student, digits, kdq.engine.TrainConfig(**FAST), objective=recipes.MutualKD(teacher, KDLoss()))
+    kdq.engine.fit(student, digits, kdq.engine.TrainConfig(**FAST), objective=recipes.qkd.MutualKD(teacher, KDLoss()))
     assert any(not torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
@@ -140,8 +140,8 @@ def test_speq_teacher_pass_moves_nothing_and_uses_its_widths(float_run, digits):
     student.train()
     student(x)  # initialise the quantizers' step sizes
     state = {k: v.clone() for k, v in student.state_dict().items()}
-    target = recipes.StochasticPrecision(student, 2, [2])
-    wide = recipes.StochasticPrecision(student, 2, [32])
+    target = recipes.speq.StochasticPrecision(student, 2, [2])
+    wide = recipes.speq.StochasticPrecision(student, 2, [32])
     t = target.teacher_logits(x)
     assert not t.requires_grad
     # BN statistics, step sizes and observers unchanged (BN counts batches, which momentum-based BN ignores)
