@@ -59,7 +59,7 @@ BAD_EXPERIMENTS = [
     (HEAD + "  b: {model: cnn-tiny, teacher: a, alpha: .nan}\n", "stage 'b': alpha must be in [0, 1], got nan"),
     (HEAD + "  b: {model: cnn-tiny, teacher: a, alpha: '0.5'}\n", "stage 'b': alpha must be in [0, 1]"),
     (HEAD + "  b: {model: cnn-tiny, teacher: a, teacher_mode: lazy}\n", "stage 'b': teacher_mode must be one of"),
-    (HEAD + "  b: {model: cnn-tiny, teacher: [a]}\n", "stage 'b': teacher must be an earlier stage's name"),
+    (HEAD + "  b: {model: cnn-tiny, teacher: [a, 3]}\n", "stage 'b': teacher must be an earlier stage's name"),
     (HEAD + "  b: {kind: trian, model: cnn-tiny}\n", "stage 'b': kind must be one of train"),
     # int8 keys
     (HEAD + "  b: {kind: quantize, source: a, calibration_batches: many}\n", "stage 'b': calibration_batches must be an integer >= 1, got 'many'"),

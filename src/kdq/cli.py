@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="list the data sets and where their files are")
     models = sub.add_parser("models", help="list the model zoo")
     models.add_argument("pattern", nargs="?", default="*", help="glob, e.g. 'resnet*'")
+    sub.add_parser("methods", help="list the distillation methods: family, what they read, defaults")
     for kind in STAGES:
         (kind.add_arguments or signature_arguments(kind))(sub.add_parser(kind.name, help=kind.help))
     run = sub.add_parser("run", help="run a multi-stage YAML experiment")
@@ -65,6 +66,25 @@ def _cmd_models(args: argparse.Namespace) -> None:
     print(markdown_table(rows, (("name", "name"), ("input", "input"), ("params", "params (10 classes)"), ("about", "description"))))
 
 
+def _cmd_methods(args: argparse.Namespace) -> None:
+    import inspect
+
+    from kdq.distill import LOSSES
+    from kdq.report.table import markdown_table
+
+    rows = []
+    for name in LOSSES.names():
+        cls = LOSSES.get(name)
+        options = [f"{p.name}={p.default!r}" for p in inspect.signature(cls).parameters.values()
+                   if p.default is not p.empty]
+        rows.append({"name": name, "family": cls.family, "reads": cls.reads, "weight": f"{cls.default_weight:g}",
+                     "ce": "in loss" if cls.includes_ce else "added", "options": ", ".join(options) or "-",
+                     "paper": cls.paper})
+    print(markdown_table(rows, (("name", "method"), ("family", "family"), ("reads", "reads"),
+                                ("weight", "default weight"), ("ce", "cross-entropy"), ("options", "options (defaults)"),
+                                ("paper", "paper"))))
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from kdq.config import load_experiment
     from kdq.experiment import run_experiment
@@ -72,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     run_experiment(load_experiment(args.experiment, args.set), args.out)
 
 
-COMMANDS = {"datasets": _cmd_datasets, "models": _cmd_models, "run": _cmd_run}
+COMMANDS = {"datasets": _cmd_datasets, "models": _cmd_models, "methods": _cmd_methods, "run": _cmd_run}
 
 
 def _command(name: str):  # noqa: ANN202

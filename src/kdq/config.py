@@ -86,12 +86,15 @@ DATA_RULES: dict[str, Rule] = {
 STAGE_RULES: dict[str, Rule] = {
     "model": ("a model name (see `kdq models`)", _is_str),
     "model_args": ("a mapping of model options, e.g. {width: 16}", lambda v: v is None or isinstance(v, dict)),
-    "teacher": ("an earlier stage's name or a run directory", _is_str),
+    "teacher": ("an earlier stage's name or a run directory, or a list of them",
+                lambda v: _is_str(v) or (isinstance(v, list) and len(v) > 0 and _strings(v))),
+    "labeled": ("an integer >= 1 (training images that keep their labels), or null",
+                lambda v: v is None or (_is_int(v) and v >= 1)),
     "temperature": ("> 0 and finite", lambda v: _is_number(v) and v > 0),
     "alpha": ("in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
     "teacher_mode": _choice(TEACHER_MODES),
     "source": ("an earlier stage's name", _is_str),
-    **{key: _choice(choices) for key, choices in QUANT_CHOICES.items()},
+    **{key: _choice(choices) for key, choices in QUANT_CHOICES.items() if key != "method"},  # method: per kind
     "calibration_batches": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "per_channel": ("true or false", lambda v: isinstance(v, bool)),
     "skip": ("a list of layer names, e.g. [fc]", _strings),
@@ -135,8 +138,8 @@ class Stage:
         return self.options.get("source")
 
     @property
-    def teacher(self) -> str | None:
-        """An earlier stage's name, or a run directory."""
+    def teacher(self) -> str | list[str] | None:
+        """An earlier stage's name, or a run directory (or a list of them: an ensemble)."""
         return self.options.get("teacher")
 
 
@@ -249,7 +252,8 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
     _check_values({"kind": kind_name}, {"kind": _choice(tuple(STAGES.yaml_kinds()))}, where)
     kind = STAGES.get(kind_name)
     options = {k: v for k, v in body.items() if k != "kind"}
-    model = ""  # a kind that neither trains nor starts from a model
+    # the model it trains (or several: mutual learning, a teacher-assistant chain), for the table
+    model = "+".join(map(str, body["models"])) if isinstance(body.get("models"), list) else ""
     takes = kind.source_param()
     for key in ("model", "model_args"):
         if key in body and takes == "run":
@@ -267,9 +271,12 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
         _check_model(where, model, _mapping(body.get("model_args"), f"{where} model_args"), shape)
     teacher = kind.parameters().get("teacher")
     if "teacher" in options or (teacher is not None and teacher.default is teacher.empty):
-        options["teacher"] = _teacher(where, options.get("teacher"), earlier)
-        if options["teacher"] not in earlier:
-            _check_teacher_run(where, options["teacher"], shape)
+        given = options.get("teacher")  # one, or a list (an ensemble)
+        runs = [_teacher(where, t, earlier) for t in (given if isinstance(given, list) else [given])]
+        options["teacher"] = runs if isinstance(given, list) else runs[0]
+        for run in runs:
+            if run not in earlier:
+                _check_teacher_run(where, run, shape)
     inherited = defaults if kind.inherit is None else {k: defaults[k] for k in kind.inherit if k in defaults}
     train = {**inherited, **{k: options.pop(k) for k in list(options) if k in TRAIN_KEYS}} if kind.takes_training() else {}
     try:
@@ -302,6 +309,8 @@ def _check_default_types(kind: StageKind, options: dict[str, Any], where: str) -
     for key, value in options.items():
         p = params.get(key)
         if key in STAGE_RULES or p is None or p.default is p.empty or p.default is None:
+            continue
+        if p.annotation != type(p.default).__name__:  # a richer annotation: the stage's own check decides
             continue
         typed = type(p.default)
         ok = isinstance(value, typed) and (typed is bool or not isinstance(value, bool))

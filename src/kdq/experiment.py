@@ -116,8 +116,11 @@ def _resolved(stage: Stage, root: Path, earlier: dict[str, Any]) -> dict[str, An
     options = dict(stage.options)
     if stage.source is not None:
         options["source"] = str(root / stage.source)
-    if stage.teacher is not None and stage.teacher in earlier:
-        options["teacher"] = str(root / stage.teacher)
+    named = lambda t: str(root / t) if t in earlier else t  # noqa: E731
+    if isinstance(stage.teacher, list):
+        options["teacher"] = [named(t) for t in stage.teacher]
+    elif stage.teacher is not None:
+        options["teacher"] = named(stage.teacher)
     return options
 
 

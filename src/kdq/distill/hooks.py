@@ -25,7 +25,7 @@ class FeatureTaps:
         taps.remove()  # or: with FeatureTaps(...) as taps: ...
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], *, inputs: bool = False) -> None:
         if isinstance(names, str):
             names = [names]
         modules = dict(model.named_modules())
@@ -35,12 +35,15 @@ class FeatureTaps:
                 raise KdqError(f"{type(model).__name__} has no module {name!r}{suggest(name, valid)}; "
                                f"its modules: {_listing(valid)}")
         self.names = list(names)
+        self.inputs = inputs  # keep what each module receives (its first input), not what it returns
         self.features: dict[str, torch.Tensor] = {}
         self._handles = [modules[name].register_forward_hook(self._keeper(name)) for name in self.names]
 
     def _keeper(self, name: str):  # noqa: ANN202 - a forward hook
         def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.features[name] = output
+            kept = inputs[0] if self.inputs else output
+            # an int8 model's layers hand on quantized tensors: the losses read float values
+            self.features[name] = kept.dequantize() if getattr(kept, "is_quantized", False) else kept
         return keep
 
     def remove(self) -> None:

@@ -240,6 +240,8 @@ def fit(
     if world > 1:
         distributed.debug_print_hash(model)
         distributed.debug_print_hash(parts, "objective")
+    if callable(getattr(objective, "release", None)):  # feature taps come off the trained model
+        objective.release()
     return FitResult(state["best_epoch"], state["best_val_accuracy"], state["epoch"], stopped_early, history)
 
 

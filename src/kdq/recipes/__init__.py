@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdq.data import DataBundle
-from kdq.distill import KDLoss
+from kdq.distill import KDLoss, method_losses, method_spec
 from kdq.engine import distributed
 from kdq.engine.config import FINE_TUNE_DEFAULTS, QKD_PHASE_EPOCHS, SEED_MAX, TRAIN_KEYS
 from kdq.errors import KdqError, suggest
@@ -33,6 +33,7 @@ from kdq.report.sweep import plot_sweep, size_table, sweep_table
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import SWEEP_MD, SWEEP_PNG, read_results
 from kdq.stages.registry import STAGES, StageKind
+from kdq.stages.distill import method_arguments
 from kdq.stages.lowbit import fine_tune_config, lowbit_config
 from kdq.stages.options import add_train_options, first_last_bits, int_list, train_options
 
@@ -110,6 +111,8 @@ def check_recipe(name: str, options: dict[str, Any]) -> None:
         CHECKS[name](options)
     # inf or nan here would train to nan: refused before anything is written (KDLoss's own checks)
     KDLoss(options.get("temperature", 1.0), options.get("alpha", 0.7))
+    if "distill_method" in options:
+        method_losses(options["distill_method"], temperature=options.get("temperature"), alpha=options.get("alpha"))
 
 
 # ---- the `recipe` stage
@@ -158,6 +161,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", help="teacher run directory (apprentice, takd-chain, qkd; default: the source run)")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--alpha", type=float)
+    method_arguments(parser, "--distill-method")
     parser.add_argument("--quantizer", help="lsq (default), uniform, dorefa, pact, binary or ternary")
     parser.add_argument("--act-quantizer")
     parser.add_argument("--first-last-bits", type=int, help="bits of the first and last layers (default 8; 32 keeps them float)")
@@ -171,7 +175,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def _cli(args: argparse.Namespace) -> None:
     given = {"teacher": args.teacher, "temperature": args.temperature, "alpha": args.alpha, "quantizer": args.quantizer,
              "act_quantizer": args.act_quantizer, "cosine_weight": args.cosine_weight,
-             "teacher_bits": int_list(args.teacher_bits, "--teacher-bits") if args.teacher_bits else None}
+             "teacher_bits": int_list(args.teacher_bits, "--teacher-bits") if args.teacher_bits else None,
+             "distill_method": method_spec(args.method, args.method_option)}
     # only what was typed: each recipe takes its own options and rejects the others by name
     options = {k: v for k, v in given.items() if v is not None}
     if args.first_last_bits is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kdq.data import DataBundle
+from kdq.distill.objective import Method
 from kdq.recipes.common import RECIPES, finished, schemes
 from kdq.stages.lowbit import lowbit_qat
 
@@ -46,24 +47,25 @@ def individual(source: str | Path, out: str | Path, *, bits: str | Sequence[str]
 
 @RECIPES.register("apprentice")
 def apprentice(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teacher: str | Path | None = None,
-               temperature: float = 4.0, alpha: float = 0.7, quantizer: str = "lsq", act_quantizer: str | None = None,
+               distill_method: Method = "kd", temperature: float = 4.0, alpha: float = 0.7, quantizer: str = "lsq", act_quantizer: str | None = None,
                first_last_bits: int | None = 8, data: str | DataBundle | None = None, resume: bool = False,
                **train: Any) -> dict[str, dict[str, Any]]:
     """Each scheme starts from `source` and is distilled from `teacher` (default: `source` itself)."""
     teacher = teacher or source
     return _qat_each(source, out, bits, lambda _: teacher, lambda _: source, resume, temperature=temperature,
-                     alpha=alpha, quantizer=quantizer, act_quantizer=act_quantizer,
+                     alpha=alpha, distill_method=distill_method, quantizer=quantizer, act_quantizer=act_quantizer,
                      first_last_bits=first_last_bits, data=data, **train)
 
 
 @RECIPES.register("takd-chain")
 def takd_chain(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teacher: str | Path | None = None,
-               temperature: float = 4.0, alpha: float = 0.7, quantizer: str = "lsq", act_quantizer: str | None = None,
+               distill_method: Method = "kd", temperature: float = 4.0, alpha: float = 0.7, quantizer: str = "lsq", act_quantizer: str | None = None,
                first_last_bits: int | None = 8, data: str | DataBundle | None = None, resume: bool = False,
                **train: Any) -> dict[str, dict[str, Any]]:
     """The schemes in order, each initialised from the previous one's latent weights and taught
     by its quantized model; the first starts from `source`, taught by `teacher` (default `source`)."""
     teacher = teacher or source
     return _qat_each(source, out, bits, lambda before: before or teacher, lambda before: before or source, resume,
-                     temperature=temperature, alpha=alpha, quantizer=quantizer, act_quantizer=act_quantizer,
+                     temperature=temperature, alpha=alpha, distill_method=distill_method, quantizer=quantizer,
+                     act_quantizer=act_quantizer,
                      first_last_bits=first_last_bits, data=data, **train)

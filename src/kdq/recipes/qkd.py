@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from kdq.data import DataBundle
-from kdq.distill import Distiller, KDLoss
+from kdq.distill import Distiller, KDLoss, describe, method_losses
+from kdq.distill.objective import Method
 from kdq.engine import count_params, distributed, fit
 from kdq.engine.config import QKD_PHASE_EPOCHS, TRAIN_KEYS
 from kdq.engine.objectives import Objective, parts_of
@@ -69,12 +70,14 @@ def _phase(model: nn.Module, out: Path, data: DataBundle, cfg, objective, resume
 
 @RECIPES.register("qkd")
 def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teacher: str | Path | None = None,
-        phases: dict[str, dict[str, Any]] | None = None, temperature: float = 4.0, alpha: float = 0.7,
+        phases: dict[str, dict[str, Any]] | None = None, distill_method: Method = "kd",
+        temperature: float = 4.0, alpha: float = 0.7,
         quantizer: str = "lsq", act_quantizer: str | None = None, first_last_bits: int | None = 8,
         data: str | DataBundle | None = None, resume: bool = False, **train: Any) -> dict[str, dict[str, Any]]:
     """QKD per scheme. `phases` maps self_studying / co_studying / tutoring to their own training
     options over `train` (default one epoch each); co-studying trains the teacher at the same lr.
-    The phases run in out/<scheme>/self_studying and co_studying; tutoring writes out/<scheme>."""
+    The phases run in out/<scheme>/self_studying and co_studying; tutoring writes out/<scheme>.
+    Co-studying is mutual Hinton KD, as in the paper; tutoring distils with `distill_method`."""
     phases = phases or {}
     teacher = teacher or source
     results = {}
@@ -91,14 +94,16 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
             teacher_net = load_teacher(teacher, bundle)
             record = {"command": "recipe", "recipe": "qkd", "source": str(source), "teacher": str(teacher),
                       "bits": scheme, "lowbit": config.to_dict(), "temperature": temperature, "alpha": alpha,
-                      "phases": {p: c.to_dict() for p, c in cfg.items()}}
+                      "phases": {p: c.to_dict() for p, c in cfg.items()},
+                      **({"distill_method": describe(method_losses(distill_method))} if distill_method != "kd" else {})}
             # the phases write inside the scheme's run directory: claim it before the first
             claimed = claim(run_dir, "lowbit", "recipe", resume=resume, record=run_record(record, cfg["tutoring"], bundle))
             with distributed.primary_only(claimed, run_dir):
                 _phase(student, run_dir / "self_studying", bundle, cfg["self_studying"], None, resume)
                 mutual = MutualKD(teacher_net, loss)
                 _phase(student, run_dir / "co_studying", bundle, cfg["co_studying"], mutual, resume)
-                tutor = Distiller(mutual.teacher, loss, "online", cfg["tutoring"].eval_batch_size)
+                taught = method_losses(distill_method, temperature=temperature, alpha=alpha)
+                tutor = Distiller(mutual.teacher, taught, "online", cfg["tutoring"].eval_batch_size)
                 done = train_lowbit(student, run_dir, bundle, meta, cfg["tutoring"], record, objective=tutor,
                                     resume=resume, float_params=count_params(model), started=started)
         results[scheme] = {**done, "run_dir": str(run_dir)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kdq.data import DataBundle, load_dataset
+from kdq.distill.teacher import Ensemble, ensemble_weights
 from kdq.engine import predict
 from kdq.errors import KdqError, short_repr
 from kdq.io import load_weights, read_json, save_weights, write_json
@@ -286,6 +287,10 @@ class _Renormalize(nn.Module):
         self.register_buffer("shift", shift)
         self.model = model
 
+    @property
+    def kdq_wrapped(self) -> nn.Module:  # feature taps look through the wrapper (kdq.distill.teacher.unwrap)
+        return self.model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x * self.scale + self.shift)
 
@@ -333,6 +338,21 @@ def load_teacher(teacher: str | Path | nn.Module, data: DataBundle) -> nn.Module
     meta = fmt.read_meta(Path(teacher))
     check_data_match(meta, data, teacher, same_dataset=True, fix=f"train a teacher on {data.name} first")
     return renormalized(fmt.load(Path(teacher)), meta, data)
+
+
+def load_teachers(teachers: str | Path | nn.Module | Sequence[str | Path | nn.Module], data: DataBundle,
+                  weights: Sequence[float] | None = None) -> nn.Module:
+    """One teacher (load_teacher), or several as one Ensemble: the weighted mean of their logits.
+
+    Each may be a run directory of any format or a module; the weights (one per teacher, >= 0,
+    not all 0; equal when None) are checked before any teacher is loaded.
+    """
+    given = [teachers] if isinstance(teachers, (str, Path, nn.Module)) else list(teachers)
+    if not given:
+        raise KdqError("no teacher given; pass a run directory (--teacher DIR), or several")
+    ensemble_weights(weights, len(given))
+    loaded = [load_teacher(t, data) for t in given]
+    return loaded[0] if len(loaded) == 1 else Ensemble(loaded, weights)
 
 
 def _check_teacher_module(teacher: nn.Module, data: DataBundle) -> None:

@@ -100,6 +100,8 @@ def _fit_and_score(net, bundle, cfg, out_dir, record, *, objective, resume) -> R
     weights = out_dir / WEIGHTS if out_dir is not None else None
     results = evaluate(net, bundle, weights=weights)
     results.update(fit_summary(result, train_time))
+    if "labeled" in record:  # --labeled: how many training images kept their labels
+        results["labeled"] = record["labeled"]
     if out_dir is not None:
         record_results(out_dir, results, bundle)
     return Run(net, out_dir, results, result, record)

@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from kdq.data import DataBundle
-from kdq.distill import Distiller, KDLoss
+from kdq.distill import Distiller, describe, method_losses, parse_features
+from kdq.distill.objective import Method
 from kdq.engine import TrainConfig, count_params, distributed, fit
 from kdq.engine.config import FINE_TUNE_DEFAULTS
 from kdq.errors import KdqError
@@ -26,8 +27,9 @@ from kdq.quant.lowbit import LowBitConfig, quantize_lowbit, save_packed
 from kdq.quant.lowbit.pack import read_manifest
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import BEST, PACKED_MANIFEST, PACKED_TENSORS, write_config
-from kdq.rundir.load import data_record, load_model, load_teacher, renormalized, run_data
+from kdq.rundir.load import data_record, load_model, load_teachers, renormalized, run_data
 from kdq.stages.common import primary_results, record_results, zoo_spec
+from kdq.stages.distill import teacher_record
 from kdq.stages.evaluate import evaluate
 
 # A quantizer that handles one role only is paired with the usual partner for the other:
@@ -54,9 +56,11 @@ def lowbit_qat(
     quantizer: str = "lsq",
     act_quantizer: str | None = None,
     first_last_bits: int | None = 8,
-    teacher: str | Path | nn.Module | None = None,
+    teacher: str | Path | nn.Module | list[str | Path | nn.Module] | None = None,
+    distill_method: Method = "kd",
     temperature: float = 4.0,
     alpha: float = 0.7,
+    features: list[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     data: str | DataBundle | None = None,
@@ -72,13 +76,24 @@ def lowbit_qat(
     config = lowbit_config(bits, quantizer, act_quantizer, first_last_bits)
     cfg = fine_tune_config(options)
     model, meta, data = lowbit_source(run, data)
-    objective = None
-    if teacher is not None:
-        objective = Distiller(load_teacher(teacher, data), KDLoss(temperature, alpha), "online", cfg.eval_batch_size)
+    objective, methods = teacher_objective(teacher, data, cfg, distill_method, temperature, alpha, features)
     record = {"command": "qat-lowbit", "source": str(run), "bits": bits, "lowbit": config.to_dict(),
-              "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha}
+              "teacher": teacher_record(teacher), "temperature": temperature, "alpha": alpha, **methods}
     return train_lowbit(quantize_lowbit(model, config), out, data, meta, cfg, record,
                         objective=objective, resume=resume, overwrite=overwrite, float_params=count_params(model))
+
+
+def teacher_objective(teacher, data, cfg, method, temperature, alpha, features) -> tuple[Any, dict[str, Any]]:  # noqa: ANN001
+    """The distillation objective of a fine-tuning run (None without a teacher), and what its
+    config.yaml adds: the method and layer pairs, when other than Hinton KD on default layers."""
+    if teacher is None:
+        return None, {}
+    losses = method_losses(method, temperature=temperature, alpha=alpha, label_smoothing=cfg.label_smoothing)
+    pairs = parse_features(features)
+    objective = Distiller(load_teachers(teacher, data), losses, "online", cfg.eval_batch_size, features=pairs,
+                          label_smoothing=cfg.label_smoothing)
+    extra = {"distill_method": describe(losses)} if method != "kd" else {}
+    return objective, {**extra, **({"features": [f"{s}={t}" for s, t in pairs]} if pairs else {})}
 
 
 def fine_tune_config(options: dict[str, Any]) -> TrainConfig:

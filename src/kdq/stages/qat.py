@@ -15,18 +15,19 @@ from typing import Any
 from torch import nn
 
 from kdq.data import DataBundle
-from kdq.distill import Distiller, KDLoss
+from kdq.distill import method_spec
+from kdq.distill.objective import Method
 from kdq.engine import TrainConfig, distributed, fit
 from kdq.engine.config import FINE_TUNE_DEFAULTS, QAT_DEFAULTS
 from kdq.errors import KdqError
 from kdq.quant import apply_qat_freeze, convert_qat, prepare_qat, qat_freeze_callback
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import write_config
-from kdq.rundir.load import data_record, load_model, load_teacher, run_data
+from kdq.rundir.load import data_record, load_model, run_data
 from kdq.stages.registry import STAGES, StageKind
 from kdq.stages.common import primary_results, record_results, zoo_spec
-from kdq.stages.distill import check_kd
-from kdq.stages.lowbit import LOWBIT_KEYS, fine_tune_config, lowbit_config, lowbit_qat
+from kdq.stages.distill import check_kd, method_arguments, teacher_record
+from kdq.stages.lowbit import LOWBIT_KEYS, fine_tune_config, lowbit_config, lowbit_qat, teacher_objective
 from kdq.stages.options import add_run_options, add_train_options, first_last_bits, print_results, train_options
 from kdq.stages.quantize import BACKENDS, score_int8
 
@@ -41,9 +42,11 @@ def qat(
     quantizer: str = "lsq",
     act_quantizer: str | None = None,
     first_last_bits: int | None = 8,
-    teacher: str | Path | nn.Module | None = None,
+    teacher: str | Path | nn.Module | list[str | Path | nn.Module] | None = None,
+    distill_method: Method = "kd",
     temperature: float = 4.0,
     alpha: float = 0.7,
+    features: list[str] | None = None,
     backend: str = "x86",
     per_channel: bool = True,
     freeze_bn_epoch: int | None = None,
@@ -60,7 +63,8 @@ def qat(
     act_quantizer and first_last_bits apply). `out` must be new or empty, unless `resume`
     continues the run there or `overwrite` replaces it.
     """
-    common = dict(teacher=teacher, temperature=temperature, alpha=alpha, resume=resume, overwrite=overwrite, data=data)
+    common = dict(teacher=teacher, distill_method=distill_method, temperature=temperature, alpha=alpha,
+                  features=features, resume=resume, overwrite=overwrite, data=data)
     if bits is not None:
         return lowbit_qat(run, out, bits=bits, quantizer=quantizer, act_quantizer=act_quantizer,
                           first_last_bits=first_last_bits, **common, **options)
@@ -68,8 +72,8 @@ def qat(
                      freeze_observer_epoch=freeze_observer_epoch, **common, **options)
 
 
-def _int8_qat(run, out, *, teacher, temperature, alpha, backend, per_channel, freeze_bn_epoch,  # noqa: ANN001
-              freeze_observer_epoch, resume, overwrite, data, **options) -> dict[str, Any]:  # noqa: ANN003
+def _int8_qat(run, out, *, teacher, distill_method, temperature, alpha, features, backend, per_channel,  # noqa: ANN001
+              freeze_bn_epoch, freeze_observer_epoch, resume, overwrite, data, **options) -> dict[str, Any]:  # noqa: ANN003
     run, out = Path(run), Path(out)
     # fine-tuning: short and gentle; fp32 throughout, because fake quantization's fused observer
     # kernels reject the fp16 activations that CUDA autocast would hand them
@@ -78,13 +82,11 @@ def _int8_qat(run, out, *, teacher, temperature, alpha, backend, per_channel, fr
     spec = zoo_spec(model, run)
     data = run_data(run, data)
     qat_model = prepare_qat(model, data.train.x[:2], backend=backend, per_channel=per_channel)
-    objective = None
-    if teacher is not None:
-        objective = Distiller(load_teacher(teacher, data), KDLoss(temperature, alpha), "online", cfg.eval_batch_size)
+    objective, methods = teacher_objective(teacher, data, cfg, distill_method, temperature, alpha, features)
     record = {"command": "qat", "source": str(run), "backend": backend, "per_channel": per_channel,
               "freeze_bn_epoch": freeze_bn_epoch, "freeze_observer_epoch": freeze_observer_epoch,
-              "teacher": None if teacher is None else str(teacher), "temperature": temperature, "alpha": alpha,
-              "train": cfg.to_dict(), "data": data_record(data)}
+              "teacher": teacher_record(teacher), "temperature": temperature, "alpha": alpha,
+              **methods, "train": cfg.to_dict(), "data": data_record(data)}
     callback = qat_freeze_callback(qat_model, freeze_bn_epoch=freeze_bn_epoch, freeze_observer_epoch=freeze_observer_epoch)
     primary = distributed.is_primary()
     with distributed.primary_only(claim(out, "int8", "qat", resume=resume, overwrite=overwrite, record=record), out):
@@ -108,7 +110,7 @@ def _int8_qat(run, out, *, teacher, temperature, alpha, backend, per_channel, fr
 def check_qat(options: dict[str, Any], train: dict[str, Any]) -> None:
     """A YAML qat stage is int8 or low-bit: mixed keys and a bad scheme are refused before any work."""
     if "teacher" in options:
-        check_kd(options, train)
+        check_kd(options, train, "distill_method")
     lowbit = [k for k in LOWBIT_KEYS if k in options]
     if not lowbit:
         TrainConfig.from_dict({**QAT_DEFAULTS, **train})
@@ -128,9 +130,11 @@ def check_qat(options: dict[str, Any], train: dict[str, Any]) -> None:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory of a float model")
     add_run_options(parser)
-    parser.add_argument("--teacher", help="distill from this run directory while fine-tuning")
+    parser.add_argument("--teacher", action="append",
+                        help="distill from this run directory while fine-tuning (repeat: the teachers' mean logits)")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.7)
+    method_arguments(parser, "--distill-method")
     parser.add_argument("--backend", choices=BACKENDS, default="x86")
     parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--freeze-bn-epoch", type=int, help="stop updating batch-norm statistics from this epoch")
@@ -149,7 +153,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cli(args: argparse.Namespace) -> None:
-    common = dict(teacher=args.teacher, temperature=args.temperature, alpha=args.alpha, resume=args.resume,
+    teacher = args.teacher[0] if args.teacher and len(args.teacher) == 1 else args.teacher
+    common = dict(teacher=teacher, temperature=args.temperature, alpha=args.alpha, resume=args.resume,
+                  distill_method=method_spec(args.method, args.method_option) or "kd", features=args.feature,
                   overwrite=args.overwrite, **train_options(args))
     if args.bits:
         results = qat(args.run, args.out, bits=args.bits, quantizer=args.quantizer, act_quantizer=args.act_quantizer,

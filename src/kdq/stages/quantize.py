@@ -17,7 +17,7 @@ from torch import nn
 
 from kdq.data import DataBundle
 from kdq.engine import count_params, distributed
-from kdq.errors import KdqError
+from kdq.errors import KdqError, short_repr
 from kdq.quant import quantize_dynamic, quantize_static, save_quantized
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import INT8_TENSORS, write_config
@@ -83,6 +83,13 @@ def quantize(
     return results
 
 
+def _check(options: dict[str, Any], train: dict[str, Any]) -> None:
+    """A YAML quantize stage's method, before any work (other keys have shared rules)."""
+    method = options.get("method", "static")
+    if method not in METHODS:
+        raise KdqError(f"method must be one of {', '.join(METHODS)}, got {short_repr(method)}")
+
+
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory of a float model")
     add_run_options(parser, resume=False)
@@ -106,4 +113,5 @@ def _cli(args: argparse.Namespace) -> None:
 
 
 STAGES.register(StageKind("quantize", quantize, "int8 post-training quantization of a run directory", writes="int8",
-                          add_arguments=_arguments, run_cli=_cli, arch=lambda model, options: f"{model} int8"))
+                          add_arguments=_arguments, run_cli=_cli, check=_check,
+                          arch=lambda model, options: f"{model} int8"))

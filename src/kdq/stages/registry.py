@@ -33,7 +33,8 @@ class StageKind:
     train_defaults: dict[str, Any] = field(default_factory=dict)  # its own training defaults (fine-tuning)
     keys: Callable[[], tuple[str, ...]] | None = None  # its YAML keys, when not its signature's
     arch: Callable[[str, dict[str, Any]], str] | None = None  # the summary table's cell for (model, options)
-    collect: Callable[[Any, Any], dict[str, dict[str, Any]]] | None = None  # (stage, returned) -> {row: results}
+    # several runs in one stage (a recipe, mutual learning): (stage, returned) -> ({row: results}, sweep rows)
+    collect: Callable[[Any, Any], tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]] | None = None
     yaml: bool = True  # a YAML kind (some verbs, like evaluate, only read runs)
     distributed: bool = False  # may run data-parallel under torchrun
 

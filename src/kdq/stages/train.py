@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from kdq.data import DataBundle
+from kdq.data import DataBundle, Split
+from kdq.distill.objective import labeled_mask
 from kdq.engine import TrainConfig, distributed, seed_everything
 from kdq.rundir.load import resolve_data
 from kdq.stages.registry import STAGES, StageKind
@@ -29,6 +31,7 @@ def train(
     model: str | nn.Module,
     data: str | DataBundle = "fashion-mnist",
     *,
+    labeled: int | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -39,13 +42,18 @@ def train(
     """Train a model with cross-entropy; options are TrainConfig fields (epochs, lr, ...).
 
     `out` must be new or empty, unless `resume` continues the run there (with the same model,
-    optimizer and data) or `overwrite` replaces it; see kdq.rundir.claim.
+    optimizer and data) or `overwrite` replaces it; see kdq.rundir.claim. `labeled=N` trains
+    on the N training images `kdq distill --labeled N` keeps labels for (same seed), alone.
     """
     cfg = TrainConfig.from_dict(options)
     bundle, data_record = resolve_data(data, **(data_options or {}))
+    if labeled is not None:
+        keep = labeled_mask(bundle.train.y, labeled, bundle.num_classes, cfg.seed)
+        bundle = dataclasses.replace(bundle, train=Split(bundle.train.x[keep], bundle.train.y[keep]))
     seed_everything(cfg.seed, cfg.deterministic)  # the initial weights follow --seed
     net = build_model(model, bundle, **(model_kwargs or {}))
-    record = {"command": "train", "data": data_record, "model": model_spec(net), "train": cfg.to_dict()}
+    record = {"command": "train", "data": data_record, "model": model_spec(net), "train": cfg.to_dict(),
+              **({"labeled": labeled} if labeled is not None else {})}
     return train_and_report(net, bundle, cfg, out, record, objective=None, resume=resume, overwrite=overwrite)
 
 
@@ -70,12 +78,14 @@ def report(run: Run, out: str) -> None:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     model_arguments(parser)
+    parser.add_argument("--labeled", type=int, metavar="N",
+                        help="train on the N training images `kdq distill --labeled N` keeps labels for (same --seed)")
     add_data_options(parser)
     add_train_options(parser)
 
 
 def _cli(args: argparse.Namespace) -> None:
-    report(train(args.model, args.data, **common_options(args)), args.out)
+    report(train(args.model, args.data, labeled=args.labeled, **common_options(args)), args.out)
 
 
 STAGES.register(StageKind("train", train, "train a model with cross-entropy", writes="float",

@@ -1,0 +1,165 @@
+"""Every distillation method at equal budget over seeds: is its gain larger than the spread?
+
+    .venv/bin/python bench/distill.py [--seeds 0,1,2] [--students resnet20,cnn-small] [--out runs/bench-distill]
+                                      [--methods kd,dkd,...] [--write BENCHMARKS.md]
+
+A teacher (default resnet56) is trained once on a Fashion-MNIST training subset; then, for each
+student and seed, the student alone and the student distilled with each method, every run with
+the same epochs, batch size and learning rate. Each run is its own run directory under OUT
+(finished runs are reused, so an interrupted benchmark continues). The report gives, per
+method, test accuracy mean ± std over seeds, the gain over the student alone and over KD (per
+seed, then mean ± std), whether that gain exceeds the seed spread (|mean| larger than the 95%
+t-interval half-width of the per-seed gains), and the epoch time relative to online KD. Cached
+KD's epoch time is compared with a plain epoch. A plot of the gains with error bars is
+written to OUT/gains.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import kdq  # noqa: E402
+from kdq.engine import describe_machine  # noqa: E402
+
+SECTION = "## Distillation methods side by side (issue 11)"
+METHODS = ("kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd")
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% t quantiles by degrees of freedom
+
+
+def _done(out: Path) -> dict | None:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _epoch_seconds(out: Path) -> float:
+    """Median seconds per epoch from metrics.jsonl (images per second over the training subset)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return statistics.median(r["epoch_time_s"] if "epoch_time_s" in r else 1 / r["images_per_s"] for r in rows)
+
+
+def run(out: Path, kind: str, **kwargs) -> dict:  # noqa: ANN003
+    done = _done(out)
+    if done is None:
+        print(f"== {out}", file=sys.stderr)
+        (kdq.train if kind == "train" else kdq.distill)(out=out, overwrite=out.exists(), **kwargs)
+        done = _done(out)
+    return {"accuracy": done["accuracy"], "epoch": _epoch_seconds(out), "environment": done["environment"]}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(gains: list[float]) -> str:
+    m, sd = mean_std(gains)
+    half = T95.get(len(gains) - 1, 2.0) * sd / len(gains) ** 0.5 if len(gains) > 1 else float("inf")
+    return "yes" if abs(m) > half else "no"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench-distill")
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--subset", type=int, default=10000)
+    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--students", default="resnet20,cnn-small")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--write", help="append the report to this Markdown file (e.g. BENCHMARKS.md)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    data = kdq.load_dataset(args.data, subset=args.subset)
+    common = {"batch_size": 128, "progress": False}
+    teacher = out / "teacher"
+    run(teacher, "train", model=args.teacher, data=data, epochs=args.teacher_epochs, seed=0, **common)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    table: dict[tuple[str, str], list[dict]] = {}
+    for student in args.students.split(","):
+        for seed in seeds:
+            base = dict(data=data, epochs=args.epochs, seed=seed, **common)
+            table.setdefault((student, "alone"), []).append(
+                run(out / student / f"alone-s{seed}", "train", model=student, **base))
+            for method in methods:
+                table.setdefault((student, method), []).append(
+                    run(out / student / f"{method}-s{seed}", "distill", student=student, teacher=teacher, method=method, **base))
+            table.setdefault((student, "kd-cached"), []).append(
+                run(out / student / f"kd-cached-s{seed}", "distill", student=student, teacher=teacher,
+                    teacher_mode="cached", **base))
+    text = report(table, seeds, args, _done(teacher))
+    (out / "report.md").write_text(text)
+    plot(table, out / "gains.png", args)
+    print(text)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write("\n" + text)
+
+
+def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dict) -> str:
+    env = teacher["environment"]
+    lines = [SECTION, "",
+             f"Command: `.venv/bin/python bench/distill.py --subset {args.subset} --teacher {args.teacher} "
+             f"--teacher-epochs {args.teacher_epochs} --students {args.students} --epochs {args.epochs} "
+             f"--seeds {args.seeds}`", "",
+             f"Machine: {describe_machine(env)}, {env['threads']} threads, torch {env['torch']}. "
+             f"Teacher {args.teacher}: test accuracy {teacher['accuracy']:.4f}.", "",
+             "| student | method | accuracy (mean ± std) | gain over alone (points) | exceeds spread | "
+             "gain over KD (points) | exceeds spread | epoch time / online KD |",
+             "|---|---|---|---|---|---|---|---|"]
+    for student in args.students.split(","):
+        alone = [r["accuracy"] for r in table[(student, "alone")]]
+        kd = [r["accuracy"] for r in table[(student, "kd")]] if (student, "kd") in table else None
+        kd_epoch = statistics.median(r["epoch"] for r in table.get((student, "kd"), [{"epoch": float("nan")}]))
+        for (who, method), rows in table.items():
+            if who != student:
+                continue
+            acc = [r["accuracy"] for r in rows]
+            m, sd = mean_std(acc)
+            over_alone = [(a - b) * 100 for a, b in zip(acc, alone)]
+            over_kd = [(a - b) * 100 for a, b in zip(acc, kd)] if kd else []
+            ga = mean_std(over_alone)
+            gk = mean_std(over_kd) if over_kd else None
+            epoch = statistics.median(r["epoch"] for r in rows) / kd_epoch
+            lines.append(f"| {student} | {method} | {m:.4f} ± {sd:.4f} | "
+                         + (f"{ga[0]:+.2f} ± {ga[1]:.2f} | {verdict(over_alone)} | " if method != "alone" else "- | - | ")
+                         + (f"{gk[0]:+.2f} ± {gk[1]:.2f} | {verdict(over_kd)} | " if gk and method not in ("alone", "kd") else "- | - | ")
+                         + f"{epoch:.2f}x |")
+    lines += ["", "A gain exceeds the spread when its mean over seeds lies outside the 95% t-interval "
+              "half-width of the per-seed gains (paired by seed)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdq.report.plots import save_figure
+
+    students = args.students.split(",")
+    fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
+    for ax, student in zip(axes[0], students):
+        alone = [r["accuracy"] for r in table[(student, "alone")]]
+        names = [m for (s, m) in table if s == student and m != "alone"]
+        gains = [mean_std([(r["accuracy"] - b) * 100 for r, b in zip(table[(student, m)], alone)]) for m in names]
+        ax.bar(names, [g[0] for g in gains], yerr=[g[1] for g in gains], capsize=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{student}: gain over the student alone")
+        ax.set_ylabel("test accuracy gain (points)")
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(f"{args.data} subset {args.subset}, teacher {args.teacher}, {args.epochs} epochs, seeds {args.seeds}")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
