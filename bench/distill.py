@@ -135,6 +135,10 @@ def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dic
                          + f"{epoch:.2f}x |")
     lines += ["", "A gain exceeds the spread when its mean over seeds lies outside the 95% t-interval "
               "half-width of the per-seed gains (paired by seed)."]
+    machines = sorted({describe_machine(r["environment"]) for rows in table.values() for r in rows})
+    if len(machines) > 1:  # a benchmark resumed in another session may have run on another CPU
+        lines += ["", f"**Warning:** these runs were measured on {len(machines)} machines ({'; '.join(machines)}): "
+                  "the epoch-time ratios mix them and are not comparable; rerun in one session for timings."]
     return "\n".join(lines) + "\n"
 
 
