@@ -25,3 +25,26 @@ class Interrupt(Objective):
         if self.calls > self.after:
             raise KeyboardInterrupt
         return self.inner(logits, targets, inputs, indices)
+
+
+NEVER = 10**9  # an Interrupt that never fires
+
+
+def straight_and_resumed(run, tmp_path, interrupt_after: int):  # noqa: ANN001, ANN201
+    """`run(out, after, resume=False)` once straight into tmp_path/a, and once into tmp_path/b
+    interrupted after `interrupt_after` steps, then resumed; what the two runs return."""
+    import pytest
+
+    straight = run(tmp_path / "a", NEVER)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", interrupt_after)
+    return straight, run(tmp_path / "b", NEVER, resume=True)
+
+
+def assert_same_state(*pairs) -> None:  # noqa: ANN002
+    """Each (module, module) pair holds bit-identical state."""
+    import torch
+
+    for a, b in pairs:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from kdq.distill import Distiller, method_losses, method_spec
 from kdq.engine import TrainConfig, fit
 from kdq.errors import KdqError
 from kdq.models import create_model
-from tests.helpers import Interrupt
+from tests.helpers import Interrupt, assert_same_state, straight_and_resumed
 
 FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--subset", "300"]
 
@@ -115,13 +117,8 @@ def test_resume_with_adapters_is_bit_exact(digits, tmp_path):
         fit(student, digits, cfg, out, objective=objective, resume=resume)
         return student, objective
 
-    straight, straight_parts = run(tmp_path / "a", 10**9)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", steps + 2)
-    resumed, resumed_parts = run(tmp_path / "b", 10**9, resume=True)
-    for a, b in ((straight, resumed), (straight_parts, resumed_parts)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    (straight, straight_parts), (resumed, resumed_parts) = straight_and_resumed(run, tmp_path, steps + 2)
+    assert_same_state((straight, resumed), (straight_parts, resumed_parts))
     assert any("adapter" in k or "losses.fitnet" in k for k in straight_parts.state_dict())
 
 
@@ -150,3 +147,15 @@ def test_yaml_stages_take_a_method_and_refuse_a_bad_one():
                           ({"features": ["stage3"]}, "STUDENT_LAYER=TEACHER_LAYER")):
         with pytest.raises(KdqError, match=message):
             parse_experiment(stages({"model": "cnn-tiny", "teacher": "t", **body}))
+
+
+@pytest.mark.parametrize("method, message", [
+    ("rkd", "the student (Sequential) has no final nn.Linear named fc"),
+    ("at", "the student (Sequential) names no feature layers (feature_layers())"),
+])
+def test_a_module_without_what_the_method_reads_is_refused_at_setup(method, message, digits):
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    objective = Distiller(create_model("cnn-small", 10, 1), method_losses(method), "online")
+    with pytest.raises(KdqError, match=re.escape(message)) as err:
+        objective.prepare(student, digits.train, torch.device("cpu"))
+    assert "\n" not in str(err.value)

@@ -11,7 +11,7 @@ from kdq.distill.online import MutualLearning, mutual_terms
 from kdq.engine import TrainConfig, fit
 from kdq.errors import KdqError
 from kdq.models import create_model
-from tests.helpers import Interrupt
+from tests.helpers import Interrupt, assert_same_state, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +137,7 @@ def test_resume_is_bit_exact_for_every_student(digits, tmp_path):
         fit(first, digits, cfg, out, objective=objective, resume=resume)
         return first, peer
 
-    straight = run(tmp_path / "a", 10**9)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", steps + 2)
-    resumed = run(tmp_path / "b", 10**9, resume=True)
-    for a, b in zip(straight, resumed):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    straight, resumed = straight_and_resumed(run, tmp_path, steps + 2)
+    assert_same_state(*zip(straight, resumed))
     # two students of one architecture start, and stay, different
     assert not torch.equal(next(straight[0].parameters()), next(straight[1].parameters()))

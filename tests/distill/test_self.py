@@ -14,7 +14,7 @@ from kdq.errors import KdqError
 from kdq.io import load_weights
 from kdq.models import create_model
 from kdq.rundir.load import load_model
-from tests.helpers import Interrupt
+from tests.helpers import Interrupt, assert_same_state, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +104,8 @@ def test_resume_with_heads_is_bit_exact_and_the_saved_model_has_no_heads(digits,
         fit(model, digits, cfg, out, objective=objective, resume=resume)
         return model, objective
 
-    straight, straight_parts = run(tmp_path / "a", 10**9)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", steps + 2)
-    resumed, resumed_parts = run(tmp_path / "b", 10**9, resume=True)
-    for a, b in ((straight, resumed), (straight_parts, resumed_parts)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    (straight, straight_parts), (resumed, resumed_parts) = straight_and_resumed(run, tmp_path, steps + 2)
+    assert_same_state((straight, resumed), (straight_parts, resumed_parts))
     # the stage: a normal float run whose model holds no head; the heads sit in best_objective
     from kdq.stages.self_distill import self_distill
 

@@ -167,3 +167,27 @@ def test_quantized_teachers_and_qat_with_several_teachers(teachers, tmp_path, ca
     capsys.readouterr()
     code = main(["qat", str(a), "--out", str(tmp_path / "x"), "--distill-method", "at", *qat])
     assert code == 2 and "no single set of layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"method": "dkd", "mixup": 0.2}, "dkd needs class labels, not the mixed targets of mixup/cutmix"),
+    ({"teacher_mode": "cached", "cutmix": 1.0}, "a cached teacher cannot score mixed images"),
+    ({"labeled": 50, "mixup": 0.2}, "labeled cannot hide the labels mixup/cutmix mix"),
+])
+def test_mixed_targets_are_refused_before_any_stage_runs(body, message, tmp_path):
+    """The same checks as the Python entry point's, in the YAML schema: nothing trains first."""
+    from kdq.config import parse_experiment
+
+    raw = {"data": {"name": "digits"}, "stages": {"t": {"model": "cnn-small"},
+                                                  "s": {"model": "cnn-tiny", "teacher": "t", **body}}}
+    with pytest.raises(KdqError, match=message) as err:
+        parse_experiment(raw)
+    assert "\n" not in str(err.value)
+
+
+def test_dkd_with_mixup_is_one_line_at_the_cli(teachers, tmp_path, capsys):
+    argv = ["distill", "--model", "cnn-tiny", "--teacher", str(teachers[0]), "--data", "digits", *FAST,
+            "--method", "dkd", "--mixup", "0.2", "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dkd needs class labels" in err and not (tmp_path / "s").exists()

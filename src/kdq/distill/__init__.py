@@ -15,14 +15,14 @@ from kdq.distill.online import MutualLearning, mutual_terms
 from kdq.distill.objective import (
     Distiller,
     ce_weight,
-    describe,
     labeled_mask,
     method_losses,
+    method_record,
     method_spec,
     parse_features,
 )
 from kdq.distill.teacher import TEACHER_MODES, Ensemble, ensemble_weights, freeze, unwrap
 
 __all__ = ["LOSSES", "FAMILIES", "READS", "DistillLoss", "register", "KDLoss", "Distiller", "TEACHER_MODES",
-           "describe", "method_losses", "method_spec", "parse_features", "unwrap", "Ensemble", "ensemble_weights",
+           "method_losses", "method_record", "method_spec", "parse_features", "unwrap", "Ensemble", "ensemble_weights",
            "ce_weight", "labeled_mask", "FeatureTaps", "freeze", "MutualLearning", "mutual_terms"]

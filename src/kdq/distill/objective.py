@@ -136,9 +136,15 @@ def ce_weight(loss: DistillLoss) -> float:
     return 1.0 - float(loss.alpha) if "alpha" in loss.shares else 1.0
 
 
-def describe(losses: Mapping[str, tuple[DistillLoss, float]]) -> dict[str, Any]:
-    """How config.yaml records the methods: {name: weight}."""
-    return {name: weight for name, (_, weight) in losses.items()}
+def method_record(key: str, method: Method | DistillLoss, losses: Mapping[str, tuple[DistillLoss, float]],
+                  pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """What config.yaml adds for the methods: {key: {name: weight}} and the layer pairs, each
+    only when other than Hinton KD on default layers, so runs made before methods existed
+    still resume with the same record."""
+    record: dict[str, Any] = {key: {name: w for name, (_, w) in losses.items()}} if method != "kd" else {}
+    if pairs:
+        record["features"] = [f"{s}={t}" for s, t in pairs]
+    return record
 
 
 class Distiller(Objective):

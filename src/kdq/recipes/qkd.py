@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from kdq.data import DataBundle
-from kdq.distill import Distiller, KDLoss, describe, method_losses
+from kdq.distill import Distiller, KDLoss, method_losses, method_record
 from kdq.distill.objective import Method
 from kdq.engine import count_params, distributed, fit
 from kdq.engine.config import QKD_PHASE_EPOCHS, TRAIN_KEYS
@@ -92,17 +92,17 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
             student = quantize_lowbit(model, config)
             loss = KDLoss(temperature, alpha)
             teacher_net = load_teacher(teacher, bundle)
+            taught = method_losses(distill_method, temperature=temperature, alpha=alpha)
             record = {"command": "recipe", "recipe": "qkd", "source": str(source), "teacher": str(teacher),
                       "bits": scheme, "lowbit": config.to_dict(), "temperature": temperature, "alpha": alpha,
                       "phases": {p: c.to_dict() for p, c in cfg.items()},
-                      **({"distill_method": describe(method_losses(distill_method))} if distill_method != "kd" else {})}
+                      **method_record("distill_method", distill_method, taught)}
             # the phases write inside the scheme's run directory: claim it before the first
             claimed = claim(run_dir, "lowbit", "recipe", resume=resume, record=run_record(record, cfg["tutoring"], bundle))
             with distributed.primary_only(claimed, run_dir):
                 _phase(student, run_dir / "self_studying", bundle, cfg["self_studying"], None, resume)
                 mutual = MutualKD(teacher_net, loss)
                 _phase(student, run_dir / "co_studying", bundle, cfg["co_studying"], mutual, resume)
-                taught = method_losses(distill_method, temperature=temperature, alpha=alpha)
                 tutor = Distiller(mutual.teacher, taught, "online", cfg["tutoring"].eval_batch_size)
                 done = train_lowbit(student, run_dir, bundle, meta, cfg["tutoring"], record, objective=tutor,
                                     resume=resume, float_params=count_params(model), started=started)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from kdq.data import DataBundle
-from kdq.distill import TEACHER_MODES, Distiller, describe, method_losses, method_spec, parse_features
+from kdq.distill import TEACHER_MODES, Distiller, method_losses, method_record, method_spec, parse_features
 from kdq.distill.objective import Method, labeled_mask
 from kdq.distill.teacher import Ensemble, ensemble_weights
 from kdq.engine import TrainConfig, seed_everything
@@ -52,13 +52,7 @@ def distill(
     losses = method_losses(method, temperature=temperature, alpha=alpha, label_smoothing=options.get("label_smoothing", 0.0))
     pairs = parse_features(features)
     cfg = TrainConfig.from_dict(options)
-    hard = [name for name, (loss, _) in losses.items() if loss.needs_class_indices]
-    if hard and (cfg.mixup > 0 or cfg.cutmix > 0):
-        raise KdqError(f"{hard[0]} needs class labels, not the mixed targets of mixup/cutmix; turn those off or use kd")
-    if teacher_mode == "cached" and (cfg.mixup > 0 or cfg.cutmix > 0):
-        raise KdqError("a cached teacher cannot score mixed images; use teacher_mode='online' with mixup/cutmix")
-    if labeled is not None and (cfg.mixup > 0 or cfg.cutmix > 0):
-        raise KdqError("labeled cannot hide the labels mixup/cutmix mix into every image; turn those off")
+    check_mixing(losses, teacher_mode, labeled, cfg.mixup, cfg.cutmix)
     teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher]
     ensemble_weights(teacher_weights, len(teachers))
     bundle, data_record = resolve_data(data, **(data_options or {}))
@@ -79,13 +73,25 @@ def distill(
             "temperature": temperature,
             "alpha": alpha,
             "teacher_mode": teacher_mode,
-            # recorded when other than Hinton KD on default layers, so older runs still resume
-            **({"method": describe(losses)} if method != "kd" else {}),
-            **({"features": [f"{s}={t}" for s, t in pairs]} if pairs else {}),
+            **method_record("method", method, losses, pairs),
         },
         **({"labeled": labeled} if labeled is not None else {}),  # recorded only when given: older runs resume
     }
     return train_and_report(net, bundle, cfg, out, record, objective=objective, resume=resume, overwrite=overwrite)
+
+
+def check_mixing(losses: dict[str, Any], teacher_mode: str, labeled: int | None, mixup: float, cutmix: float) -> None:
+    """Mixup and cutmix give probability targets and mixed images: refused with a method that
+    needs class labels, with a cached teacher, and with hidden labels."""
+    if not (mixup > 0 or cutmix > 0):
+        return
+    hard = [name for name, (loss, _) in losses.items() if loss.needs_class_indices]
+    if hard:
+        raise KdqError(f"{hard[0]} needs class labels, not the mixed targets of mixup/cutmix; turn those off or use kd")
+    if teacher_mode == "cached":
+        raise KdqError("a cached teacher cannot score mixed images; use teacher_mode='online' with mixup/cutmix")
+    if labeled is not None:
+        raise KdqError("labeled cannot hide the labels mixup/cutmix mix into every image; turn those off")
 
 
 def teacher_record(teacher: Any) -> str | list[str] | None:
@@ -108,8 +114,7 @@ def check_kd(options: dict[str, Any], train: dict[str, Any], method_key: str = "
     teachers = options.get("teacher")
     count = len(teachers) if isinstance(teachers, list) else 1
     ensemble_weights(options.get("teacher_weights"), count)
-    if options.get("labeled") is not None and (train.get("mixup", 0) > 0 or train.get("cutmix", 0) > 0):
-        raise KdqError("labeled cannot hide the labels mixup/cutmix mix into every image; turn those off")
+    check_mixing(losses, mode, options.get("labeled"), train.get("mixup", 0), train.get("cutmix", 0))
     # a feature method with the cached teacher, or with several teachers, is refused here
     Distiller(Ensemble([nn.Identity()] * count) if count > 1 else nn.Identity(), losses, mode)
 

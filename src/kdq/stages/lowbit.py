@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from kdq.data import DataBundle
-from kdq.distill import Distiller, describe, method_losses, parse_features
+from kdq.distill import Distiller, method_losses, method_record, parse_features
 from kdq.distill.objective import Method
 from kdq.engine import TrainConfig, count_params, distributed, fit
 from kdq.engine.config import FINE_TUNE_DEFAULTS
@@ -92,8 +92,7 @@ def teacher_objective(teacher, data, cfg, method, temperature, alpha, features) 
     pairs = parse_features(features)
     objective = Distiller(load_teachers(teacher, data), losses, "online", cfg.eval_batch_size, features=pairs,
                           label_smoothing=cfg.label_smoothing)
-    extra = {"distill_method": describe(losses)} if method != "kd" else {}
-    return objective, {**extra, **({"features": [f"{s}={t}" for s, t in pairs]} if pairs else {})}
+    return objective, method_record("distill_method", method, losses, pairs)
 
 
 def fine_tune_config(options: dict[str, Any]) -> TrainConfig:
