@@ -9,14 +9,22 @@ the same epochs, batch size and learning rate. Each run is its own run directory
 (finished runs are reused, so an interrupted benchmark continues). The report gives, per
 method, test accuracy mean ± std over seeds, the gain over the student alone and over KD (per
 seed, then mean ± std), whether that gain exceeds the seed spread (|mean| larger than the 95%
-t-interval half-width of the per-seed gains), and the epoch time relative to online KD. Cached
-KD's epoch time is compared with a plain epoch. A plot of the gains with error bars is
+t-interval half-width of the per-seed gains), and the training time per image relative to
+online KD. Cached KD's time is compared with a plain (alone) run's. A plot of the gains with error bars is
 written to OUT/gains.png.
+
+Two experiments get their own rows. Teacher assistants (--takd resnet20,resnet8): the last
+model alone, distilled straight from the teacher (kd) and through the assistants with
+`kdq takd-size` (takd). Unlabeled data (--labeled 1000): the first student trained on the
+N labeled images alone (as many optimizer steps as the others get) against KD that keeps
+N labels and lets the teacher teach the rest (`--labeled N`). FitNets' two-stage schedule
+is the row fitnet-hints (hints alone for the first epoch, then KD).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import kdq  # noqa: E402
+from kdq.data import Split  # noqa: E402
+from kdq.distill.objective import labeled_mask  # noqa: E402
 from kdq.engine import describe_machine  # noqa: E402
+from kdq.stages.takd_size import takd_size  # noqa: E402
 
 SECTION = "## Distillation methods side by side (issue 11)"
 METHODS = ("kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd")
@@ -38,19 +49,29 @@ def _done(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _epoch_seconds(out: Path) -> float:
-    """Median seconds per epoch from metrics.jsonl (images per second over the training subset)."""
+def _image_seconds(out: Path) -> float:
+    """Median over epochs of the training seconds per image, from metrics.jsonl: comparable
+    between runs whose epochs hold different numbers of images."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return statistics.median(r["epoch_time_s"] if "epoch_time_s" in r else 1 / r["images_per_s"] for r in rows)
+    return statistics.median(1 / r["images_per_s"] for r in rows)
 
 
-def run(out: Path, kind: str, **kwargs) -> dict:  # noqa: ANN003
-    done = _done(out)
+def run(out: Path, kind: str, result: str = "", **kwargs) -> dict:  # noqa: ANN003
+    """Train (or reuse) one run directory; `result` names the run inside a chain's folder."""
+    done = _done(out / result)
     if done is None:
         print(f"== {out}", file=sys.stderr)
-        (kdq.train if kind == "train" else kdq.distill)(out=out, overwrite=out.exists(), **kwargs)
-        done = _done(out)
-    return {"accuracy": done["accuracy"], "epoch": _epoch_seconds(out), "environment": done["environment"]}
+        entry = {"train": kdq.train, "distill": kdq.distill, "takd-size": takd_size}[kind]
+        entry(out=out, overwrite=out.exists(), **kwargs)
+        done = _done(out / result)
+    return {"accuracy": done["accuracy"], "epoch": _image_seconds(out / result), "environment": done["environment"]}
+
+
+def labeled_only(data: kdq.DataBundle, count: int, seed: int) -> kdq.DataBundle:
+    """The same data with only the `count` training rows `--labeled count --seed seed` keeps."""
+    mask = labeled_mask(data.train.y, count, data.num_classes, seed)
+    return dataclasses.replace(data, train=Split(data.train.x[mask], data.train.y[mask]),
+                               options={**data.options, "labeled_only": count, "labeled_seed": seed})
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -74,6 +95,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--takd", default="resnet20,resnet8",
+                        help="assistants then the student of the teacher-assistant rows ('' to skip)")
+    parser.add_argument("--labeled", type=int, default=1000,
+                        help="labels kept in the unlabeled-data rows, for the first student (0 to skip)")
     parser.add_argument("--write", help="append the report to this Markdown file (e.g. BENCHMARKS.md)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -95,6 +120,33 @@ def main() -> None:
             table.setdefault((student, "kd-cached"), []).append(
                 run(out / student / f"kd-cached-s{seed}", "distill", student=student, teacher=teacher,
                     teacher_mode="cached", **base))
+            if "fitnet" in methods:
+                table.setdefault((student, "fitnet-hints"), []).append(
+                    run(out / student / f"fitnet-hints-s{seed}", "distill", student=student, teacher=teacher,
+                        method={"fitnet": 100, "kd": 1}, hint_epochs=1, **base))
+    first = args.students.split(",")[0]
+    for seed in seeds if args.labeled else []:
+        base = dict(epochs=args.epochs, seed=seed, **common)
+        who = f"{first}, {args.labeled} labeled"
+        folder = out / f"{first}-labeled{args.labeled}"
+        steps_scale = round(len(data.train) / args.labeled)  # as many optimizer steps as the full-data runs
+        table.setdefault((who, "alone"), []).append(
+            run(folder / f"alone-s{seed}", "train", model=first, data=labeled_only(data, args.labeled, seed),
+                **{**base, "epochs": args.epochs * steps_scale}))
+        table.setdefault((who, "kd"), []).append(
+            run(folder / f"kd-s{seed}", "distill", student=first, teacher=teacher, data=data, labeled=args.labeled,
+                **base))
+    chain = [m for m in args.takd.split(",") if m]
+    for seed in seeds if chain else []:
+        base = dict(data=data, epochs=args.epochs, seed=seed, **common)
+        who = f"{chain[-1]} (assistants {', '.join(chain[:-1])})"
+        folder = out / f"takd-{'-'.join(chain)}"
+        table.setdefault((who, "alone"), []).append(run(folder / f"alone-s{seed}", "train", model=chain[-1], **base))
+        table.setdefault((who, "kd"), []).append(
+            run(folder / f"kd-s{seed}", "distill", student=chain[-1], teacher=teacher, **base))
+        table.setdefault((who, "takd"), []).append(
+            run(folder / f"takd-s{seed}", "takd-size", result=f"{len(chain)}-{chain[-1]}", models=chain,
+                teacher=teacher, **base))
     text = report(table, seeds, args, _done(teacher))
     (out / "report.md").write_text(text)
     plot(table, out / "gains.png", args)
@@ -109,13 +161,13 @@ def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dic
     lines = [SECTION, "",
              f"Command: `.venv/bin/python bench/distill.py --subset {args.subset} --teacher {args.teacher} "
              f"--teacher-epochs {args.teacher_epochs} --students {args.students} --epochs {args.epochs} "
-             f"--seeds {args.seeds}`", "",
+             f"--seeds {args.seeds} --takd '{args.takd}' --labeled {args.labeled}`", "",
              f"Machine: {describe_machine(env)}, {env['threads']} threads, torch {env['torch']}. "
              f"Teacher {args.teacher}: test accuracy {teacher['accuracy']:.4f}.", "",
              "| student | method | accuracy (mean ± std) | gain over alone (points) | exceeds spread | "
-             "gain over KD (points) | exceeds spread | epoch time / online KD |",
+             "gain over KD (points) | exceeds spread | time per image / online KD |",
              "|---|---|---|---|---|---|---|---|"]
-    for student in args.students.split(","):
+    for student in dict.fromkeys(who for who, _ in table):
         alone = [r["accuracy"] for r in table[(student, "alone")]]
         kd = [r["accuracy"] for r in table[(student, "kd")]] if (student, "kd") in table else None
         kd_epoch = statistics.median(r["epoch"] for r in table.get((student, "kd"), [{"epoch": float("nan")}]))
@@ -138,7 +190,7 @@ def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dic
     machines = sorted({describe_machine(r["environment"]) for rows in table.values() for r in rows})
     if len(machines) > 1:  # a benchmark resumed in another session may have run on another CPU
         lines += ["", f"**Warning:** these runs were measured on {len(machines)} machines ({'; '.join(machines)}): "
-                  "the epoch-time ratios mix them and are not comparable; rerun in one session for timings."]
+                  "the time ratios mix them and are not comparable; rerun in one session for timings."]
     return "\n".join(lines) + "\n"
 
 
@@ -150,9 +202,13 @@ def plot(table: dict, path: Path, args: argparse.Namespace) -> None:
 
     from kdq.report.plots import save_figure
 
-    students = args.students.split(",")
-    fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
-    for ax, student in zip(axes[0], students):
+    students = list(dict.fromkeys(who for who, _ in table))
+    cols = min(2, len(students))
+    rows = -(-len(students) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(students):]:
+        ax.set_visible(False)
+    for ax, student in zip(axes.flat, students):
         alone = [r["accuracy"] for r in table[(student, "alone")]]
         names = [m for (s, m) in table if s == student and m != "alone"]
         gains = [mean_std([(r["accuracy"] - b) * 100 for r, b in zip(table[(student, m)], alone)]) for m in names]

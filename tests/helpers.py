@@ -20,6 +20,14 @@ class Interrupt(Objective):
         self.inner.prepare(model, train, device)
         super().prepare(model, train, device)
 
+    def start_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.inner, "start_epoch", None)):
+            self.inner.start_epoch(epoch)
+
+    def release(self) -> None:
+        if callable(getattr(self.inner, "release", None)):
+            self.inner.release()
+
     def forward(self, logits, targets, inputs, indices):  # noqa: ANN001
         self.calls += 1
         if self.calls > self.after:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -13,6 +14,7 @@ from kdq.distill import Distiller, method_losses, method_spec
 from kdq.engine import TrainConfig, fit
 from kdq.errors import KdqError
 from kdq.models import create_model
+from kdq.rundir.layout import read_config
 from tests.helpers import Interrupt, assert_same_state, straight_and_resumed
 
 FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--subset", "300"]
@@ -102,9 +104,53 @@ def test_distill_with_a_feature_method_end_to_end(tmp_path, capsys):
     assert err.count("\n") == 1 and "cached teacher does not keep" in err and not (tmp_path / "c").exists()
 
 
+def test_hint_epochs_train_the_hints_alone_then_the_rest(digits):
+    """FitNets' two stages: hint terms only (no CE, no KD), then KD and CE without the hints."""
+    student, teacher, objective = _prepared({"fitnet": 100, "kd": 1}, digits, hint_epochs=1)
+    x, y = digits.train.x[:8], digits.train.y[:8]
+    objective.start_epoch(0)
+    out = objective(student(x), y, x, torch.arange(8))
+    assert "hint" in out and "kd" not in out and "ce" not in out
+    assert out["loss"].item() == pytest.approx(100 * out["hint"].item(), rel=1e-5)
+    out["loss"].backward()
+    assert torch.count_nonzero(student.fc.weight.grad) == 0  # past the hinted layer: in the graph, untaught
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.parameters())
+    objective.start_epoch(1)
+    out = objective(student(x), y, x, torch.arange(8))
+    assert "hint" not in out and {"kd", "ce"} <= set(out)
+    kd = method_losses("kd")["kd"][0](student(x), teacher(x), y)
+    assert out["loss"].item() == pytest.approx(kd["loss"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method, hint_epochs, epochs, message", [
+    ("kd", 1, 3, "hint_epochs trains feature methods first, but none is given"),
+    ("fitnet", 1, 3, "hint_epochs needs a method for the epochs after the hints"),
+    ({"fitnet": 100, "kd": 1}, -1, 3, "hint_epochs must be a whole number >= 0"),
+    ({"fitnet": 100, "kd": 1}, 3, 3, r"hint_epochs \(3\) must be below epochs \(3\)"),
+])
+def test_bad_hint_epochs_are_refused_before_any_work(method, hint_epochs, epochs, message, tmp_path):
+    with pytest.raises(KdqError, match=message) as err:
+        kdq.distill("cnn-tiny", tmp_path / "no-teacher", "digits", method=method, hint_epochs=hint_epochs,
+                    epochs=epochs, out=tmp_path / "s")
+    assert "\n" not in str(err.value) and not (tmp_path / "s").exists()
+
+
+def test_hint_epochs_from_the_cli(tmp_path):
+    data = ["--data", "digits", "--batch-size", "64", "--no-progress", "--subset", "300"]
+    assert main(["train", "--model", "cnn-small", *data, "--epochs", "1", "--out", str(tmp_path / "t")]) == 0
+    assert main(["distill", "--model", "cnn-tiny", "--teacher", str(tmp_path / "t"), *data, "--epochs", "2",
+                 "--method", "fitnet", "--method", "kd", "--hint-epochs", "1", "--out", str(tmp_path / "s")]) == 0
+    first, second = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert "train_hint" in first and "train_kd" not in first and "train_ce" not in first
+    assert "train_kd" in second and "train_ce" in second and "train_hint" not in second
+    assert read_config(tmp_path / "s")["distill"]["hint_epochs"] == 1
+
+
 @pytest.mark.slow
-def test_resume_with_adapters_is_bit_exact(digits, tmp_path):
-    """An interrupted run with trainable adapters resumes to the same student and adapters."""
+@pytest.mark.parametrize("hint_epochs", [0, 1])
+def test_resume_with_adapters_is_bit_exact(digits, tmp_path, hint_epochs):
+    """An interrupted run with trainable adapters resumes to the same student and adapters,
+    across the hint stage's end too (the interruption falls in the second epoch)."""
     cfg = TrainConfig(epochs=2, batch_size=64, progress=False, device="cpu")
     steps = len(digits.train) // cfg.batch_size
 
@@ -113,7 +159,8 @@ def test_resume_with_adapters_is_bit_exact(digits, tmp_path):
         student, teacher = create_model("cnn-tiny", 10, 1), create_model("cnn-small", 10, 1)
         torch.manual_seed(7)
         teacher.load_state_dict(create_model("cnn-small", 10, 1).state_dict())
-        objective = Interrupt(Distiller(teacher, method_losses({"fitnet": 100, "kd": 1})), after)
+        objective = Interrupt(Distiller(teacher, method_losses({"fitnet": 100, "kd": 1}), hint_epochs=hint_epochs),
+                              after)
         fit(student, digits, cfg, out, objective=objective, resume=resume)
         return student, objective
 

@@ -110,8 +110,9 @@ class FitNetLoss(DistillLoss):
 
     The paper trains in two stages: first the student's layers up to the guided layer and the
     adapter on the hint loss alone, then the whole student with KD. RepDistiller trains in one
-    (CE + 100 * hint from the start). This class is the hint term only; a two-stage schedule
-    is the training pipeline's: a stage with this loss, then a stage with `kd`.
+    (CE + 100 * hint from the start), and so does kdq by default. This class is the hint
+    term only; the two stages are the objective's schedule: `hint_epochs=N` with a second
+    method (`kdq distill --method fitnet --method kd --hint-epochs N`, see Distiller).
     Returns a dict with `loss` and `hint` (equal).
     """
 

@@ -164,12 +164,18 @@ class Distiller(Objective):
     coefficient, see ce_weight), is the mean over the batch's labeled rows (0 when it has
     none). A method that reads a target class beyond its CE (dkd) gets the teacher's top
     class for a hidden row: the teacher labels the data that has no labels.
+
+    `hint_epochs=N` is FitNets' two-stage schedule (Romero et al. 2015): for the first N epochs
+    only the feature-family methods (fitnet, at: the hints) are minimised, with no
+    cross-entropy; from epoch N+1 only the other methods and the cross-entropy. The layers
+    past the hinted ones get zero gradients in the hint epochs (their weight decay still
+    applies), which keeps every parameter in the graph, as DistributedDataParallel requires.
     """
 
     def __init__(self, teacher: nn.Module, loss: DistillLoss | Mapping[str, tuple[DistillLoss, float]],
                  mode: str = "online", batch_size: int = 512, *,
                  features: Sequence[tuple[str, str]] | None = None, label_smoothing: float = 0.0,
-                 labeled: torch.Tensor | None = None) -> None:
+                 labeled: torch.Tensor | None = None, hint_epochs: int = 0) -> None:
         super().__init__()
         if mode not in TEACHER_MODES:
             raise KdqError(f"teacher mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
@@ -190,6 +196,8 @@ class Distiller(Objective):
         if labeled is not None and (labeled.dtype != torch.bool or labeled.dim() != 1):
             raise KdqError("labeled must be a boolean mask over the training rows (kdq.distill.labeled_mask)")
         self.labeled = labeled
+        self.hints = hint_names(self.losses, hint_epochs)
+        self.hint_epochs, self.in_hints = hint_epochs, False
         self.mode, self.batch_size, self.pairs = mode, batch_size, list(features) if features else None
         self.label_smoothing = label_smoothing
         self.cache: torch.Tensor | None = None
@@ -243,6 +251,9 @@ class Distiller(Objective):
                 where = f" on the feature pairs {pairs}" if loss.reads == "features" else ""
                 raise KdqError(f"{name}{where}: {exc}") from None
 
+    def start_epoch(self, epoch: int) -> None:
+        self.in_hints = epoch < self.hint_epochs
+
     def release(self) -> None:
         """Take the feature taps off both models (fit calls this when training ends)."""
         for taps in (self.student_taps, self.teacher_taps, self.student_fc, self.teacher_fc):
@@ -273,6 +284,8 @@ class Distiller(Objective):
         total: Any = 0
         outs = {}
         for name, loss in self.losses.items():
+            if self.hint_epochs and (name in self.hints) != self.in_hints:
+                continue  # the other stage's term
             student_in, teacher_in = (logits, teacher) if loss.reads == "logits" else self._read(loss.reads)
             outs[name] = out = loss(student_in, teacher_in, targets, indices)
             if known is not None and loss.includes_ce:  # its CE over the labeled rows only
@@ -285,6 +298,8 @@ class Distiller(Objective):
         names = [k for out in outs.values() for k in out if k != "loss"]
         terms = {(f"{name}_{k}" if names.count(k) > 1 else k): v
                  for name, out in outs.items() for k, v in out.items() if k != "loss"}
+        if self.in_hints:
+            return {"loss": total + 0.0 * logits.float().sum(), **terms}
         if not any(l.includes_ce for l in self.losses.values()):
             ce = (F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing) if known is None
                   else self._labeled_ce(logits, targets, known, None))
@@ -297,6 +312,20 @@ class Distiller(Objective):
         ls = self.label_smoothing if label_smoothing is None else label_smoothing
         rows = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=ls)
         return (rows * known).sum() / known.sum().clamp(min=1)
+
+
+def hint_names(losses: Mapping[str, DistillLoss], hint_epochs: Any) -> set[str]:
+    """The methods FitNets' hint stage trains (the feature family); checks `hint_epochs`."""
+    if not (isinstance(hint_epochs, int) and not isinstance(hint_epochs, bool) and hint_epochs >= 0):
+        raise KdqError(f"hint_epochs must be a whole number >= 0, got {short_repr(hint_epochs)}")
+    hints = {name for name, loss in losses.items() if loss.family == "feature"}
+    if hint_epochs and not hints:
+        raise KdqError("hint_epochs trains feature methods first, but none is given; "
+                       "add one, e.g. --method fitnet --method kd")
+    if hint_epochs and len(hints) == len(losses):
+        raise KdqError("hint_epochs needs a method for the epochs after the hints; "
+                       "add one, e.g. --method fitnet --method kd")
+    return hints
 
 
 def _default_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:

@@ -27,8 +27,9 @@ class Objective(nn.Module):
     split, so a distiller can run a teacher online or look up cached outputs.
     `prepare(model, train, device)` runs once before the first step, after the student `model`
     is on `device`: the place to resolve feature taps on it (kdq.distill.hooks.FeatureTaps),
-    so an unknown layer name fails before any training. An optional `release()` runs when
-    training ends, to take the taps off again.
+    so an unknown layer name fails before any training. An optional `start_epoch(epoch)`
+    (0-based) runs before each epoch, a resumed one included, for schedules of the terms; an
+    optional `release()` runs when training ends, to take the taps off again.
     """
 
     def prepare(self, model: nn.Module, train: Split, device: torch.device) -> None:

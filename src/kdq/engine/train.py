@@ -189,6 +189,8 @@ def fit(
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
+        if callable(getattr(objective, "start_epoch", None)):
+            objective.start_epoch(epoch)
         record = _train_epoch(train_model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device,
                               gen, epoch)
         distributed.sync_buffers(model)

@@ -10,7 +10,7 @@ from torch import nn
 
 from kdq.data import DataBundle
 from kdq.distill import TEACHER_MODES, Distiller, method_losses, method_record, method_spec, parse_features
-from kdq.distill.objective import Method, labeled_mask
+from kdq.distill.objective import Method, hint_names, labeled_mask
 from kdq.distill.teacher import Ensemble, ensemble_weights
 from kdq.engine import TrainConfig, seed_everything
 from kdq.errors import KdqError
@@ -33,6 +33,7 @@ def distill(
     alpha: float = 0.7,
     teacher_mode: str = "online",
     features: list[str] | None = None,
+    hint_epochs: int = 0,
     out: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -48,11 +49,13 @@ def distill(
     Several teachers (a list of run directories or modules) teach as one: the weighted mean of
     their logits (`teacher_weights`, equal by default), for logit methods. `labeled=N` keeps
     the labels of N training images (kdq.distill.objective.labeled_mask, seeded by the run's
-    seed) and scores the rest by the distillation terms only."""
+    seed) and scores the rest by the distillation terms only. `hint_epochs=N` is FitNets'
+    two-stage schedule: the feature methods alone for N epochs, then the others with CE."""
     losses = method_losses(method, temperature=temperature, alpha=alpha, label_smoothing=options.get("label_smoothing", 0.0))
     pairs = parse_features(features)
     cfg = TrainConfig.from_dict(options)
     check_mixing(losses, teacher_mode, labeled, cfg.mixup, cfg.cutmix)
+    check_hints(losses, hint_epochs, cfg.epochs)
     teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher]
     ensemble_weights(teacher_weights, len(teachers))
     bundle, data_record = resolve_data(data, **(data_options or {}))
@@ -61,7 +64,7 @@ def distill(
     seed_everything(cfg.seed, cfg.deterministic)  # the initial weights follow --seed
     net = build_model(student, bundle, **(model_kwargs or {}))
     objective = Distiller(teacher_net, losses, teacher_mode, cfg.eval_batch_size, features=pairs,
-                          label_smoothing=cfg.label_smoothing, labeled=mask)
+                          label_smoothing=cfg.label_smoothing, labeled=mask, hint_epochs=hint_epochs)
     record = {
         "command": "distill",
         "data": data_record,
@@ -74,6 +77,7 @@ def distill(
             "alpha": alpha,
             "teacher_mode": teacher_mode,
             **method_record("method", method, losses, pairs),
+            **({"hint_epochs": hint_epochs} if hint_epochs else {}),  # only when given: older runs resume
         },
         **({"labeled": labeled} if labeled is not None else {}),  # recorded only when given: older runs resume
     }
@@ -92,6 +96,14 @@ def check_mixing(losses: dict[str, Any], teacher_mode: str, labeled: int | None,
         raise KdqError("a cached teacher cannot score mixed images; use teacher_mode='online' with mixup/cutmix")
     if labeled is not None:
         raise KdqError("labeled cannot hide the labels mixup/cutmix mix into every image; turn those off")
+
+
+def check_hints(losses: dict[str, Any], hint_epochs: Any, epochs: int) -> None:
+    """FitNets' schedule needs a feature method, another method, and epochs left after the hints."""
+    hint_names({name: loss for name, (loss, _) in losses.items()}, hint_epochs)
+    if hint_epochs and hint_epochs >= epochs:
+        raise KdqError(f"hint_epochs ({hint_epochs}) must be below epochs ({epochs}), "
+                       "so the second stage has epochs to train")
 
 
 def teacher_record(teacher: Any) -> str | list[str] | None:
@@ -115,6 +127,7 @@ def check_kd(options: dict[str, Any], train: dict[str, Any], method_key: str = "
     count = len(teachers) if isinstance(teachers, list) else 1
     ensemble_weights(options.get("teacher_weights"), count)
     check_mixing(losses, mode, options.get("labeled"), train.get("mixup", 0), train.get("cutmix", 0))
+    check_hints(losses, options.get("hint_epochs", 0), train.get("epochs", TrainConfig().epochs))
     # a feature method with the cached teacher, or with several teachers, is refused here
     Distiller(Ensemble([nn.Identity()] * count) if count > 1 else nn.Identity(), losses, mode)
 
@@ -160,6 +173,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-mode", choices=TEACHER_MODES, default="online",
                         help="run the teacher on every batch, or once over the training set (logit methods only)")
     method_arguments(parser, "--method")
+    parser.add_argument("--hint-epochs", type=int, default=0, metavar="N",
+                        help="FitNets' two stages: the feature methods alone for N epochs, then the others "
+                             "with CE (e.g. --method fitnet --method kd --hint-epochs 2)")
     add_data_options(parser)
     add_train_options(parser)
 
@@ -169,7 +185,7 @@ def _cli(args: argparse.Namespace) -> None:
     run = distill(args.model, teacher, args.data, teacher_weights=parse_weights(args.teacher_weights),
                   labeled=args.labeled, method=method_spec(args.method, args.method_option) or "kd",
                   temperature=args.temperature, alpha=args.alpha, teacher_mode=args.teacher_mode,
-                  features=args.feature, **common_options(args))
+                  features=args.feature, hint_epochs=args.hint_epochs, **common_options(args))
     report(run, args.out)
 
 
