@@ -10,7 +10,9 @@ the same epochs, batch size and learning rate. Each run is its own run directory
 method, test accuracy mean ± std over seeds, the gain over the student alone and over KD (per
 seed, then mean ± std), whether that gain exceeds the seed spread (|mean| larger than the 95%
 t-interval half-width of the per-seed gains), and the training time per image relative to
-online KD. Cached KD's time is compared with a plain (alone) run's. A plot of the gains with error bars is
+online KD, from a timing pass run at the end in one process (--timing-rows images, two epochs
+per variant): finished runs reused from another session, or trained beside other work, carry
+timings that cannot be compared, so the runs' own timings are not used. A plot of the gains with error bars is
 written to OUT/gains.png.
 
 Two experiments get their own rows. Teacher assistants (--takd resnet20,resnet8): the last
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import kdq  # noqa: E402
 from kdq.data import Split  # noqa: E402
 from kdq.distill.objective import labeled_mask  # noqa: E402
-from kdq.engine import describe_machine  # noqa: E402
+from kdq.engine import describe_machine, environment  # noqa: E402
 from kdq.stages.takd_size import takd_size  # noqa: E402
 
 SECTION = "## Distillation methods side by side (issue 11)"
@@ -65,6 +67,24 @@ def run(out: Path, kind: str, result: str = "", **kwargs) -> dict:  # noqa: ANN0
         entry(out=out, overwrite=out.exists(), **kwargs)
         done = _done(out / result)
     return {"accuracy": done["accuracy"], "epoch": _image_seconds(out / result), "environment": done["environment"]}
+
+
+def time_methods(data: kdq.DataBundle, student: str, teacher: Path, methods: list[str], rows: int) -> dict[str, float]:
+    """Training seconds per image of each variant, timed now, one after the other in this process:
+    two epochs over the first `rows` training images, the second epoch's rate (the first pays for
+    start-up). Runs resumed from earlier sessions, or trained beside other work, carry timings
+    that cannot be compared; these can."""
+    small = dataclasses.replace(data, train=Split(data.train.x[:rows], data.train.y[:rows]))
+    common = dict(data=small, epochs=2, batch_size=128, progress=False, seed=0)
+    variants = {"alone": lambda: kdq.train(student, **common)}
+    for method in methods:
+        variants[method] = lambda m=method: kdq.distill(student, teacher, method=m, **common)
+    variants["kd-cached"] = lambda: kdq.distill(student, teacher, teacher_mode="cached", **common)
+    seconds = {}
+    for name, make in variants.items():
+        print(f"== timing {student} {name}", file=sys.stderr)
+        seconds[name] = 1 / make().fit.history[-1]["images_per_s"]
+    return seconds
 
 
 def labeled_only(data: kdq.DataBundle, count: int, seed: int) -> kdq.DataBundle:
@@ -99,6 +119,8 @@ def main() -> None:
                         help="assistants then the student of the teacher-assistant rows ('' to skip)")
     parser.add_argument("--labeled", type=int, default=1000,
                         help="labels kept in the unlabeled-data rows, for the first student (0 to skip)")
+    parser.add_argument("--timing-rows", type=int, default=2000,
+                        help="training images of the timing pass (0: time per image from the runs themselves)")
     parser.add_argument("--write", help="append the report to this Markdown file (e.g. BENCHMARKS.md)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -147,7 +169,9 @@ def main() -> None:
         table.setdefault((who, "takd"), []).append(
             run(folder / f"takd-s{seed}", "takd-size", result=f"{len(chain)}-{chain[-1]}", models=chain,
                 teacher=teacher, **base))
-    text = report(table, seeds, args, _done(teacher))
+    timing = {student: time_methods(data, student, teacher, methods, args.timing_rows)
+              for student in args.students.split(",")} if args.timing_rows else {}
+    text = report(table, seeds, args, _done(teacher), timing)
     (out / "report.md").write_text(text)
     plot(table, out / "gains.png", args)
     print(text)
@@ -156,12 +180,12 @@ def main() -> None:
             f.write("\n" + text)
 
 
-def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dict) -> str:
-    env = teacher["environment"]
+def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dict, timing: dict) -> str:
+    env = environment("cpu") if timing else teacher["environment"]
     lines = [SECTION, "",
              f"Command: `.venv/bin/python bench/distill.py --subset {args.subset} --teacher {args.teacher} "
              f"--teacher-epochs {args.teacher_epochs} --students {args.students} --epochs {args.epochs} "
-             f"--seeds {args.seeds} --takd '{args.takd}' --labeled {args.labeled}`", "",
+             f"--seeds {args.seeds} --takd '{args.takd}' --labeled {args.labeled} --timing-rows {args.timing_rows}`", "",
              f"Machine: {describe_machine(env)}, {env['threads']} threads, torch {env['torch']}. "
              f"Teacher {args.teacher}: test accuracy {teacher['accuracy']:.4f}.", "",
              "| student | method | accuracy (mean ± std) | gain over alone (points) | exceeds spread | "
@@ -171,6 +195,7 @@ def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dic
         alone = [r["accuracy"] for r in table[(student, "alone")]]
         kd = [r["accuracy"] for r in table[(student, "kd")]] if (student, "kd") in table else None
         kd_epoch = statistics.median(r["epoch"] for r in table.get((student, "kd"), [{"epoch": float("nan")}]))
+        timed = timing.get(student)
         for (who, method), rows in table.items():
             if who != student:
                 continue
@@ -181,14 +206,21 @@ def report(table: dict, seeds: list[int], args: argparse.Namespace, teacher: dic
             ga = mean_std(over_alone)
             gk = mean_std(over_kd) if over_kd else None
             epoch = statistics.median(r["epoch"] for r in rows) / kd_epoch
+            if timing:  # the timing pass's figures, measured together; none for the other rows
+                epoch = timed[method] / timed["kd"] if timed and method in timed else float("nan")
             lines.append(f"| {student} | {method} | {m:.4f} ± {sd:.4f} | "
                          + (f"{ga[0]:+.2f} ± {ga[1]:.2f} | {verdict(over_alone)} | " if method != "alone" else "- | - | ")
                          + (f"{gk[0]:+.2f} ± {gk[1]:.2f} | {verdict(over_kd)} | " if gk and method not in ("alone", "kd") else "- | - | ")
-                         + f"{epoch:.2f}x |")
+                         + (f"{epoch:.2f}x |" if epoch == epoch else "- |"))
     lines += ["", "A gain exceeds the spread when its mean over seeds lies outside the 95% t-interval "
               "half-width of the per-seed gains (paired by seed)."]
+    if timing:
+        lines += ["", f"Time per image: a timing pass after the runs, in one process on the machine above: each "
+                  f"variant trains 2 epochs on {args.timing_rows} images, one after the other, and the second "
+                  "epoch's rate is compared with online KD's (cached KD's teacher pass happens before its "
+                  "epochs and is not counted)."]
     machines = sorted({describe_machine(r["environment"]) for rows in table.values() for r in rows})
-    if len(machines) > 1:  # a benchmark resumed in another session may have run on another CPU
+    if len(machines) > 1 and not timing:  # a benchmark resumed in another session may have run on another CPU
         lines += ["", f"**Warning:** these runs were measured on {len(machines)} machines ({'; '.join(machines)}): "
                   "the time ratios mix them and are not comparable; rerun in one session for timings."]
     return "\n".join(lines) + "\n"

@@ -314,7 +314,7 @@ def test_run_experiment_with_recipe_stages_writes_the_sweep_report(tmp_path, cap
     ("{kind: recipe, recipe: apprentice, source: a, bits: w4a4, seeds: 2}", "seeds must be a list"),
     ("{kind: recipe, recipe: apprentice, source: a, bits: w4a4, method: static}", "does not apply to a recipe stage"),
     ("{kind: qat, source: a, bits: w4a4, seeds: [0]}", "belongs to recipe stages"),
-    ("{kind: quantize, source: nope}", "source must name an earlier train or distill stage"),
+    ("{kind: quantize, source: nope}", "source must name an earlier stage that writes a float model"),
     ("{kind: quantize, source: a, method: fast}", "method must be one of static, dynamic"),
     ("{kind: quantize, source: a, freeze_bn_epoch: 1}", "does not apply to a quantize stage"),
     ("{kind: qat, source: a, bits: w0a4}", "bits"),

@@ -12,6 +12,7 @@ from kdq.stages.distill import distill
 from kdq.stages.evaluate import evaluate
 from kdq.stages.quantize import quantize
 from kdq.stages.qat import qat
+from kdq.stages.prune import prune
 from kdq.stages.export import export
 from kdq.recipes import run_recipe, sweep
 from kdq.config import load_experiment
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KdqError", "DataBundle", "load_dataset", "list_datasets", "create_model", "list_models", "KDLoss",
-    "TrainConfig", "Run", "train", "distill", "evaluate", "quantize", "qat", "export", "run_recipe", "sweep",
+    "TrainConfig", "Run", "train", "distill", "evaluate", "quantize", "qat", "prune", "export", "run_recipe", "sweep",
     "load_experiment", "run_experiment", "load_model", "load_run",
 ]

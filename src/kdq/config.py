@@ -263,7 +263,7 @@ def _parse_stage(name: str, body: dict[str, Any], defaults: dict[str, Any], earl
     _check_values(options, STAGE_RULES, where)
     _check_default_types(kind, options, where)
     if takes == "run":
-        model = earlier[_float_source(where, body, earlier)].model
+        model = earlier[_source(where, body, earlier, kind.takes)].model
     if takes in ("model", "student"):
         if "model" not in body:
             raise KdqError(f"{where} needs a model, e.g. model: cnn-small (see `kdq models`)")
@@ -368,12 +368,15 @@ def _check_teacher_run(where: str, run: str, shape: tuple[str, tuple[int, ...], 
         )
 
 
-def _float_source(where: str, body: dict[str, Any], earlier: dict[str, Stage]) -> str:
-    """The earlier train or distill stage a quantize, qat or recipe stage starts from."""
+def _source(where: str, body: dict[str, Any], earlier: dict[str, Stage], takes: tuple[str, ...]) -> str:
+    """The earlier stage a quantize, qat, prune, deploy or recipe stage starts from: one that
+    writes a kind of run the stage takes (a float model, for most)."""
     source = body.get("source")
-    floats = [n for n, s in earlier.items() if STAGES.get(s.kind).run_kind({}) == "float"]
-    if source not in floats:
-        raise KdqError(f"{where}: source must name an earlier train or distill stage{suggest(str(source), floats)}")
+    fits = [n for n, s in earlier.items() if STAGES.get(s.kind).run_kind(s.options) in takes]
+    if source not in fits:
+        what = " or ".join(takes)
+        raise KdqError(f"{where}: source must name an earlier stage that writes a {what} model "
+                       f"(train, distill, prune{', quantize, qat' if 'int8' in takes else ''}){suggest(str(source), fits)}")
     return str(source)
 
 

@@ -19,6 +19,10 @@ MAX_CLASSES = 100_000
 MAX_DIM = 4096  # one input dimension (channels, height, width)
 MAX_INPUT_ELEMENTS = 1 << 24  # one sample: 16 M values, 64 MB as float32
 MAX_FEATURES = MAX_INPUT_ELEMENTS  # in_channels of a vector model is its feature count
+MAX_LAYERS = 100_000  # layers a pruned model's widths may name (the largest zoo model has a few hundred)
+MAX_NAME = 1000  # characters in one module name
+MAX_WIDTH = 1 << 24  # one layer's channel or feature count
+WIDTH_KEYS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
 _REQUIRED = object()
 
 
@@ -103,10 +107,30 @@ class Checker:
         self.integer(self.key(spec, "num_classes", path), _join(path, "num_classes"), 1, MAX_CLASSES)
         self.integer(self.key(spec, "in_channels", path), _join(path, "in_channels"), 1, MAX_FEATURES)
         self.mapping(self.key(spec, "kwargs", path, default={}), _join(path, "kwargs"))
-        unknown = set(spec) - {"name", "num_classes", "in_channels", "kwargs"}
+        if "widths" in spec:
+            self.widths(spec["widths"], _join(path, "widths"))
+        unknown = set(spec) - {"name", "num_classes", "in_channels", "kwargs", "widths"}
         if unknown:
-            self.fail(_join(path, sorted(unknown)[0]), "is not a model spec key (name, num_classes, in_channels, kwargs)")
+            self.fail(_join(path, sorted(unknown)[0]),
+                      "is not a model spec key (name, num_classes, in_channels, kwargs, widths)")
         return spec
+
+    def widths(self, value: Any, path: str) -> dict[str, dict[str, int]]:
+        """A pruned model's layer sizes (kdq.models.widths): names -> {size name: integer}.
+
+        Only the form and the bounds here; whether each name is a layer of the model and each
+        size at most the unpruned layer's is checked when the model is built.
+        """
+        widths = self.mapping(value, path)
+        self.expect(len(widths) <= MAX_LAYERS, f"{len(widths)} layers", path, f"at most {MAX_LAYERS} layers")
+        for name, sizes in widths.items():
+            where = f"{path}[{short_repr(name)}]"
+            self.expect(len(name) <= MAX_NAME, name, where, f"a layer name of at most {MAX_NAME} characters")
+            sizes = self.mapping(sizes, where)
+            for key, size in sizes.items():
+                self.string(key, f"{where} key", WIDTH_KEYS)
+                self.integer(size, f"{where}.{key}", 1, MAX_WIDTH)
+        return widths
 
     def data_fields(self, meta: dict[str, Any], path: str = "", required: bool = True) -> None:
         """The data description a saved model carries: classes, mean, std, input_shape, dataset."""

@@ -106,7 +106,7 @@ def test_commands_not_data_parallel_are_refused(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert main(["quantize", str(tmp_path / "none"), "--out", str(tmp_path / "q")]) == 2
-    assert "kdq quantize runs as one process; under torchrun only train, distill, qat and recipe" in capsys.readouterr().err
+    assert "kdq quantize runs as one process; under torchrun only train, distill, qat, prune and recipe" in capsys.readouterr().err
 
 
 def test_python_entry_points_not_data_parallel_are_refused(monkeypatch, tmp_path):
@@ -170,6 +170,19 @@ def test_two_processes_distill(single_run, tmp_path, mode):
     hashes = _rank_hashes(proc.stderr)
     assert sorted(hashes) == [0, 1] and hashes[0] == hashes[1], proc.stderr[-2000:]
     assert [r["epoch"] for r in _metrics(out)] == [1, 2] and "train_kd" in _metrics(out)[0]
+    assert (out / "results.json").exists() and proc.stdout.count('"accuracy"') == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [["--sparsity", "0.8", "--rounds", "2"], ["--method", "channels", "--ratio", "0.5"]])
+def test_two_processes_prune(single_run, tmp_path, how):
+    """Masks (magnitude, in rounds) and removed channels under DDP: both ranks end equal, rank 0 writes."""
+    out = tmp_path / "pruned"
+    proc = _torchrun(["-m", "kdq.cli", "prune", str(single_run), *how, "--epochs", "1", "--batch-size", "64",
+                      "--teacher", str(single_run), "--no-progress", "--out", str(out)],
+                     env={distributed.DEBUG_HASH_ENV: "1"})
+    hashes = _rank_hashes(proc.stderr)
+    assert len(hashes) == 2 and len(set(hashes.values())) == 1, proc.stderr[-2000:]
     assert (out / "results.json").exists() and proc.stdout.count('"accuracy"') == 1
 
 

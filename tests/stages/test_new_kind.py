@@ -53,7 +53,7 @@ def test_the_yaml_schema_follows_the_entry_points_signature(relabel_kind):
         parse_experiment(_experiment({"kind": "relabel", "source": "base", "repeat": "twice"}))
     with pytest.raises(KdqError, match="'epochs' does not apply to a relabel stage"):
         parse_experiment(_experiment({"kind": "relabel", "source": "base", "epochs": 2}))
-    with pytest.raises(KdqError, match="source must name an earlier train or distill stage"):
+    with pytest.raises(KdqError, match="source must name an earlier stage that writes a float model"):
         parse_experiment(_experiment({"kind": "relabel", "source": "nowhere"}))
 
 

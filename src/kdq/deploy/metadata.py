@@ -18,7 +18,7 @@ from kdq.schema import Checker
 
 META_KEY = "kdq"
 # What a later `kdq evaluate model.onnx` needs to rebuild the data pipeline and name the classes.
-META_FIELDS = ("classes", "mean", "std", "input_shape", "dataset", "architecture")
+META_FIELDS = ("classes", "mean", "std", "input_shape", "dataset", "architecture", "macs", "sparsity", "params")
 PRECISIONS = ("float32", "int8")
 MAX_ONNX_BYTES = 2 << 30
 
@@ -64,6 +64,13 @@ def check_metadata(meta: dict[str, Any], path: str | Path) -> None:
     check.string(check.key(meta, "precision"), "precision", PRECISIONS)
     if meta.get("architecture") is not None:  # informational only: nothing is built from it
         check.mapping(meta["architecture"], "architecture")
+    # the source model's figures, carried into an evaluation's results (absent in older exports)
+    for key in ("macs", "params"):
+        if meta.get(key) is not None:
+            check.integer(meta[key], key, 0, 1 << 62)
+    if meta.get("sparsity") is not None:
+        sparsity = check.number(meta["sparsity"], "sparsity")
+        check.expect(0 <= sparsity <= 1, sparsity, "sparsity", "a fraction in [0, 1]")
 
 
 def first_line(exc: BaseException) -> str:

@@ -37,6 +37,13 @@ FINE_TUNE_DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "warmup_epochs": 0.0,
 }
+PRUNE_DEFAULTS: dict[str, Any] = {
+    "epochs": 3,
+    # the surviving weights are already trained: a fifth of training's lr lets them take over
+    # from the pruned ones without forgetting what they know (lr rewinding restarts higher)
+    "lr": 0.01,
+    "warmup_epochs": 0.0,
+}
 # Each of qkd's three phases, unless epochs or the phase's own options say otherwise: three
 # phases of one epoch cost what one default fine-tuning run (3 epochs) costs.
 QKD_PHASE_EPOCHS = 1
@@ -60,6 +67,7 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) parameter; 0 turns it off
     cutmix: float = 0.0
     patience: int | None = None  # early stopping after this many epochs without a better val accuracy
+    keep_epoch: int | None = None  # keep the weights after this epoch (0: the initial ones) for weight rewinding
     seed: int = 0
     deterministic: bool = False
     amp: bool = True  # mixed precision, used only on CUDA
@@ -84,6 +92,8 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _check(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0 turns them off)")
         _check(self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        _check(self.keep_epoch is None or 0 <= self.keep_epoch <= self.epochs,
+               f"keep_epoch must be from 0 (the initial weights) to epochs ({self.epochs}), got {self.keep_epoch}")
         _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         resolve_device(self.device)  # an unknown or absent device fails here, before any work

@@ -80,6 +80,71 @@ def _packed_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
+@torch.no_grad()
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on one sample (the first of `example_input`).
+
+    PyTorch's own FlopCounterMode counts the convolutions and matrix products a float or
+    low-bit (fake-quantized) model runs; a MAC is two of its FLOPs. It does not see inside int8
+    kernels, so each int8 convolution and linear layer is counted from its output and weight
+    shapes, the same formula the flop counter applies (output elements x weight elements per
+    output channel): an int8 model counts as many MACs as its float original. Batch norm,
+    activations and pooling are not MACs and are not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    int8_macs = [0]
+
+    def count_int8(module: nn.Module, inputs: Any, output: Any) -> None:
+        weight = module.weight()
+        if isinstance(output, torch.Tensor) and isinstance(weight, torch.Tensor):
+            int8_macs[0] += output.numel() * weight[0].numel()
+
+    hooks = [m.register_forward_hook(count_int8) for m in model.modules() if _is_int8_layer(m)]
+    was_training = model.training
+    model.eval()  # dropout off and batch-norm statistics untouched: counting changes nothing
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(example_input[:1])
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() // 2 + int8_macs[0]
+
+
+def _is_int8_layer(module: nn.Module) -> bool:
+    """An int8 convolution or linear layer: its weight() unpacks a quantized weight."""
+    where = type(module).__module__
+    return callable(getattr(module, "weight", None)) and where.startswith("torch.ao.nn.") and "quantized" in where
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """The fraction of exact zeros among the weights of the convolution and linear layers.
+
+    The weights counted are those the model computes with: a float layer's weight, an int8
+    layer's (zero exactly where the integer equals the zero point), a low-bit layer's
+    quantized weight. 0.0 for a dense float model; an int8 or low-bit model also counts the
+    small weights quantization rounds to zero. Biases and batch norm are not weights here.
+    """
+    zeros = total = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if _is_int8_layer(module):
+                weight = module.weight()
+                weight = weight.dequantize() if isinstance(weight, torch.Tensor) and weight.is_quantized else weight
+            elif callable(getattr(module, "quantized_weight", None)):  # a low-bit layer (kdq.quant.lowbit)
+                weight = module.quantized_weight()
+            elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                weight = module.weight
+            else:
+                continue
+            if isinstance(weight, torch.Tensor):
+                zeros += int((weight == 0).sum())
+                total += weight.numel()
+    return zeros / total if total else 0.0
+
+
 # Above this interquartile range / median, a timing says more about the machine than the model.
 NOISY_SPREAD = 0.25
 # A median this many times the fastest measurement: most measurements were slowed down.

@@ -23,7 +23,7 @@ from kdq.engine.evaluate import predict
 from kdq.engine.objectives import CrossEntropy, LossFunction, Objective, parts_of
 from kdq.errors import KdqError, short_repr
 from kdq.io import append_jsonl, load_checkpoint, load_weights, read_text, save_checkpoint, save_weights, write_text
-from kdq.rundir.layout import BEST, BEST_OBJECTIVE, CHECKPOINT, METRICS
+from kdq.rundir.layout import BEST, BEST_OBJECTIVE, CHECKPOINT, METRICS, kept_epoch
 from kdq.schema import DAMAGED, Checker
 
 
@@ -110,6 +110,7 @@ def fit(
     objective: Objective | LossFunction | None = None,
     resume: bool = False,
     on_epoch_start: Callable[[int], None] | None = None,
+    best_from: int = 1,
 ) -> FitResult:
     """Train `model` on `data.train`, select the epoch with the best validation accuracy.
 
@@ -119,7 +120,9 @@ def fit(
     uninterrupted run. The optimizer covers the objective's trainable parts too. On return the
     model, and the objective's parts, hold the best epoch's weights (best.safetensors and
     best_objective.safetensors). `on_epoch_start(epoch)` (0-based) runs before each epoch,
-    resumed ones included: QAT uses it to freeze BN statistics and observers.
+    resumed ones included: QAT uses it to freeze BN statistics and observers. Epochs before
+    `best_from` (1-based) are never kept as the best: a gradual pruning schedule's epochs
+    before it reaches its final sparsity.
 
     Under torchrun (kdq.engine.distributed) the model runs in DistributedDataParallel and the
     objective's parts have their gradients averaged; each rank trains on its share of every
@@ -180,6 +183,8 @@ def fit(
     distributed.broadcast_module(parts)
 
     stopped_early = False
+    if cfg.keep_epoch == 0 and state["epoch"] == 0 and out is not None and primary:
+        save_weights(out / kept_epoch(0), model.state_dict())  # the initial weights, for weight rewinding
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
             stopped_early = True
@@ -202,7 +207,7 @@ def fit(
         distributed.broadcast_buffers(model)
         distributed.broadcast_buffers(parts)
         record.update(val_accuracy=val_acc, val_loss=val_loss)
-        improved = val_acc > state["best_val_accuracy"]
+        improved = epoch + 1 >= best_from and val_acc > state["best_val_accuracy"]
         if improved:
             state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1, bad_epochs=0)
             if out is not None and primary:
@@ -224,6 +229,8 @@ def fit(
                 file=sys.stderr,
             )
         if out is not None and primary:
+            if cfg.keep_epoch == epoch + 1:
+                save_weights(out / kept_epoch(epoch + 1), model.state_dict())
             append_jsonl(out / METRICS, record)
             save_checkpoint(out / CHECKPOINT, _checkpoint(model, objective, optimizer, scheduler, scaler, state, device))
 

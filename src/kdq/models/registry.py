@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdq.errors import KdqError, short_repr, suggest
+from kdq.models.widths import apply_widths
 from kdq.registry import Registry
 
 InputKind = Literal["image", "vector"]
@@ -101,14 +102,18 @@ def list_models(pattern: str = "*") -> list[str]:
     return MODELS.names(pattern)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, num_classes: int = 10, in_channels: int = 3, *, widths: dict[str, dict[str, int]] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Build a registered model and record how to rebuild it in `model.kdq_spec`.
 
     For image models `in_channels` is the number of input channels; for vector models it is
     the number of input features. The spec is JSON data, so `create_model(**model.kdq_spec)`
     (its options arrive as the `kwargs` key) rebuilds the same architecture without pickle.
     The options and the size are checked first (see `check_model`), so an absurd width fails
-    in one line instead of allocating.
+    in one line instead of allocating. `widths` (kdq.models.widths), recorded by channel
+    pruning, gives layers their pruned sizes; each is at most the unpruned size.
     """
     entry = model_info(name)
     if isinstance(kwargs.get("kwargs"), dict):  # a spec passed back in with **
@@ -123,6 +128,9 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
         "in_channels": in_channels,
         "kwargs": spec_kwargs,
     }
+    if widths:  # recorded only when given, so an unpruned model's spec stays as it always was
+        apply_widths(model, widths)
+        model.kdq_spec["widths"] = json.loads(json.dumps(widths))
     return model
 
 

@@ -24,15 +24,18 @@ from kdq.rundir.layout import (
     CONFIG,
     EVAL_PREFIX,
     INT8_MANIFEST,
+    KEPT_EPOCH,
     KINDS,
     LOCK_FILE,
     MODEL_META,
     PACKED_MANIFEST,
     PHASE_DIRS,
     RESULTS,
+    ROUND_DIR,
     RUN_FILE,
     RUN_FILES,
     STAGE_FILE,
+    SPARSE_MANIFEST,
     SUMMARY_JSON,
     SUMMARY_MD,
     SWEEP_MD,
@@ -90,7 +93,7 @@ def _infer_kind(run_dir: Path, names: set[str]) -> tuple[str | None, str | None]
         return "int8", command
     if PACKED_MANIFEST in names:
         return "lowbit", command
-    if names & {WEIGHTS, MODEL_META}:
+    if names & {WEIGHTS, MODEL_META, SPARSE_MANIFEST}:
         return "float", command
     if command in _KIND_OF_COMMAND:
         return _KIND_OF_COMMAND[command], command
@@ -232,9 +235,11 @@ def clear_run(run_dir: str | Path) -> None:
     for entry in run_dir.iterdir():
         name = entry.name
         if entry.is_symlink() or not entry.is_dir():
-            if name in RUN_FILES or name.startswith(EVAL_PREFIX) or re.fullmatch(r"\..+\.tmp", name):
+            if name in RUN_FILES or name.startswith(EVAL_PREFIX) or re.fullmatch(r"\..+\.tmp", name) \
+                    or KEPT_EPOCH.fullmatch(name):
                 entry.unlink(missing_ok=True)
-        elif name in PHASE_DIRS or re.fullmatch(r"seed\d+", name) or (entry / RUN_FILE).exists() \
+        elif name in PHASE_DIRS or re.fullmatch(r"seed\d+", name) or ROUND_DIR.fullmatch(name) \
+                or (entry / RUN_FILE).exists() \
                 or _infer_kind(entry, {p.name for p in entry.iterdir()})[0] is not None:
             shutil.rmtree(entry)
 

@@ -39,6 +39,12 @@ INT8_TENSORS = "quantized.safetensors"
 INT8_MANIFEST = "quantized.json"
 PACKED_TENSORS = "packed.safetensors"
 PACKED_MANIFEST = "packed.json"
+# ---- a float model stored sparse: bitmask + nonzero values (kdq.prune.sparse)
+SPARSE_TENSORS = "model.sparse.safetensors"
+SPARSE_MANIFEST = "sparse.json"
+# ---- a deployed model (kdq.stages.deploy): the ONNX file ONNX Runtime scored
+DEPLOYED = "deployed.onnx"
+DEPLOYED_FLOAT = "deployed.float.onnx"  # the float file an ONNX Runtime-calibrated int8 one was made from
 # ---- folders of runs: experiments (kdq.experiment) and recipes (kdq.recipes)
 STAGE_FILE = "stage.json"  # what configuration made an experiment's stage
 SUMMARY_JSON = "summary.json"
@@ -47,17 +53,30 @@ PHASE_FILE = "phase.json"  # qkd: which phase of a scheme's run finished
 SWEEP_MD = "sweep.md"
 SWEEP_PNG = "sweep.png"
 PHASE_DIRS = ("self_studying", "co_studying")  # qkd's intermediate phases inside a scheme's run
+# ---- weight rewinding and pruning rounds (kdq.engine.train --keep-epoch, kdq.stages.prune --rounds)
+KEPT_EPOCH = re.compile(r"epoch-(\d+)\.safetensors")  # the weights after epoch k (k = 0: the initial ones)
+ROUND_DIR = re.compile(r"round-(\d+)")  # a pruning round before the last, inside the run it leads to
+
+
+def kept_epoch(epoch: int) -> str:
+    """The file holding the weights a run kept after `epoch` (0: before training)."""
+    return f"epoch-{epoch}.safetensors"
+
+
+def round_dir(index: int) -> str:
+    """The folder of pruning round `index` (1-based) inside the run directory of the last round."""
+    return f"round-{index}"
 
 # The files kdq writes in a run directory (so --overwrite knows exactly what is kdq's); any
 # other file in the folder, e.g. an exported model.onnx, is left alone.
 RUN_FILES = (
     RUN_FILE, CONFIG, RESULTS, WEIGHTS, MODEL_META, CONFUSION, CURVES,
     METRICS, CHECKPOINT, BEST, BEST_OBJECTIVE,
-    INT8_TENSORS, INT8_MANIFEST, PACKED_TENSORS, PACKED_MANIFEST,
+    INT8_TENSORS, INT8_MANIFEST, PACKED_TENSORS, PACKED_MANIFEST, DEPLOYED, DEPLOYED_FLOAT, SPARSE_TENSORS, SPARSE_MANIFEST,
     STAGE_FILE, SUMMARY_JSON, SUMMARY_MD, PHASE_FILE, SWEEP_MD, SWEEP_PNG,
 )
 
-KINDS = ("float", "int8", "lowbit", "recipe", "experiment")  # what a run directory holds (run.json)
+KINDS = ("float", "int8", "lowbit", "onnx", "recipe", "experiment")  # what a run directory holds (run.json)
 # Stage, experiment and scheme names become folder names: plain names only, never paths.
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _RESULT_NUMBERS = ("accuracy", "top5", "params", "size_bytes", "latency_ms_batch1", "throughput_per_s", "train_time_s")

@@ -25,6 +25,7 @@ from kdq.engine import predict
 from kdq.errors import KdqError, short_repr
 from kdq.io import load_weights, read_json, save_weights, write_json
 from kdq.quant import serialize
+from kdq.prune import sparse
 from kdq.quant.lowbit import pack
 from kdq.rundir.layout import CHECKPOINT, FORMAT, MODEL_META, WEIGHTS, read_config
 from kdq.schema import Checker
@@ -78,15 +79,26 @@ def _check_rebuildable(run_dir: Path, arch: dict[str, Any] | None, cls: Any) -> 
 
 
 def load_model(run_dir: str | Path, module: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved float model from its run directory (or load the weights into `module`)."""
+    """Rebuild a saved float model from its run directory (or load the weights into `module`).
+
+    A pruned model stored sparse (kdq.prune.sparse) is a float model too: it loads dense.
+    """
     from kdq.models import create_model
+    from kdq.models.widths import check_fits
 
     run_dir = Path(run_dir)
+    if (run_dir / sparse.MANIFEST).exists():
+        return sparse.load_sparse(run_dir, module), sparse.read_manifest(run_dir / sparse.MANIFEST).get("meta", {})
     meta = read_model_meta(run_dir)
     if module is None:
         arch = meta.get("architecture")
         _check_rebuildable(run_dir, arch, meta.get("class"))
-        module = create_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("kwargs", {}))
+        try:  # a pruned model's spec carries its layer widths, each checked against the unpruned size
+            module = create_model(**arch)
+            if arch.get("widths"):
+                check_fits(module, meta["input_shape"])
+        except KdqError as err:
+            raise KdqError(f"{run_dir / MODEL_META}: {err}") from None
     try:
         module.load_state_dict(load_weights(run_dir / WEIGHTS))
     except (RuntimeError, OSError, ValueError) as exc:
@@ -111,13 +123,16 @@ def _manifest_meta(read_manifest: Callable[[Path], dict[str, Any]], name: str) -
     return lambda run_dir: read_manifest(run_dir / name).get("meta", {})
 
 
-# Looked up in order: a quantized run's manifest wins; a folder with neither is a float run
-# (whose loader then says what is missing).
+# Looked up in order: a quantized or sparse run's manifest wins; a folder with none is a float
+# run (whose loader then says what is missing). A sparse run is a float run stored smaller:
+# its kind is "float", so quantize, qat and export take it as they take any float run.
 FORMATS = (
     Format("int8", serialize.MANIFEST, serialize.TENSORS, _manifest_meta(serialize.read_manifest, serialize.MANIFEST),
            serialize.load_quantized, "pytorch-int8"),
     Format("lowbit", pack.MANIFEST, pack.TENSORS, _manifest_meta(pack.read_manifest, pack.MANIFEST),
            pack.load_packed, "pytorch-fakequant"),
+    Format("float", sparse.MANIFEST, sparse.TENSORS, _manifest_meta(sparse.read_manifest, sparse.MANIFEST),
+           sparse.load_sparse, "pytorch"),
     Format("float", MODEL_META, WEIGHTS, read_model_meta, lambda run_dir: load_model(run_dir)[0], "pytorch"),
 )
 
@@ -125,7 +140,7 @@ FORMATS = (
 def run_format(run_dir: str | Path) -> Format:
     """The format of the model in `run_dir`."""
     run_dir = Path(run_dir)
-    return next(f for f in FORMATS if f.kind == "float" or (run_dir / f.marker).exists())
+    return next((f for f in FORMATS if (run_dir / f.marker).exists()), FORMATS[-1])
 
 
 def saved_meta(run_dir: str | Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from kdq.stages.registry import INJECTED, STAGES, YAML_NAMES, StageKind, StageRe
 
 # The built-in stages register themselves on import, in the order `kdq --help` lists them (the
 # recipe stage: kdq.recipes, a layer above).
-from kdq.stages import train, distill, evaluate, quantize, qat, export  # noqa: E402, F401, I001
+from kdq.stages import train, distill, evaluate, quantize, qat, prune, export, deploy  # noqa: E402, F401, I001
 from kdq.stages import self_distill, born_again, takd_size  # noqa: E402, F401, I001
 from kdq.stages import mutual  # noqa: E402, F401, I001
 

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from kdq.data import DataBundle, Split
-from kdq.engine import classification_metrics, count_params, device_of, environment, measure_speed, predict
+from kdq.engine import (
+    classification_metrics, count_macs, count_params, device_of, environment, measure_speed, predict, weight_sparsity,
+)
 from kdq.errors import KdqError
 from kdq.io import save_weights, write_json
 from kdq.report.plots import plot_confusion
@@ -34,7 +36,7 @@ def evaluate(
     speed: bool = True,
     weights: Path | None = None,
 ) -> dict[str, Any]:
-    """Accuracy (overall, top-5, per class), confusion matrix, params, size on disk, speed.
+    """Accuracy (overall, top-5, per class), confusion matrix, params, MACs, sparsity, size on disk, speed.
 
     `model` is a module or a run directory (float, int8 or low-bit); with a run directory and
     no `data`, the data set it was trained on is used. A run directory's evaluation is written
@@ -71,6 +73,9 @@ def evaluate(
     results: dict[str, Any] = {"runtime": runtime, "dataset": bundle.name, "split": split}
     results.update(classification_metrics(logits, part.y, list(bundle.classes)))
     results["params"] = float_params if float_params is not None else count_params(model)
+    # int8 layers are counted from their shapes, so an int8 model has its float original's MACs
+    results["macs"] = count_macs(model, part.x[:1].to(device))
+    results["sparsity"] = weight_sparsity(model)
     results["size_bytes"] = size_on_disk(model, weights_path)
     if speed:
         sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -110,8 +115,10 @@ def size_on_disk(model: nn.Module, weights_path: Path | None) -> int:
         return save_weights(Path(tmp) / WEIGHTS, tensors).stat().st_size
 
 
-def evaluate_onnx_file(path: str | Path, data: str | DataBundle | None = None, *, speed: bool = True) -> dict[str, Any]:
-    """`kdq evaluate model.onnx`: run it with ONNX Runtime on the test set of its data set."""
+def evaluate_onnx_file(path: str | Path, data: str | DataBundle | None = None, *, speed: bool = True,
+                       write: bool = True) -> dict[str, Any]:
+    """`kdq evaluate model.onnx`: run it with ONNX Runtime on the test set of its data set; the
+    results are written beside it (`write`) as <name>.results.json and .confusion_matrix.png."""
     from kdq.deploy import evaluate_onnx, load_onnx
 
     path = Path(path)
@@ -120,6 +127,12 @@ def evaluate_onnx_file(path: str | Path, data: str | DataBundle | None = None, *
     x = renormalize(bundle.test.x, bundle, meta)
     results = evaluate_onnx(path, x, bundle.test.y, list(bundle.classes), speed=speed)
     results["split"] = "test"
+    # carried from the model that was exported (None for a file exported before kdq recorded them)
+    results["macs"], results["sparsity"] = meta.get("macs"), meta.get("sparsity")
+    if meta.get("params") is not None:  # the exported model's, as kdq counts them (int8 packed weights too)
+        results["params"] = meta["params"]
+    if not write:
+        return results
     stem = path.with_suffix("")
     write_json(stem.with_name(stem.name + ".results.json"), results)
     plot_confusion(results["confusion_matrix"], list(bundle.classes), stem.with_name(stem.name + ".confusion_matrix.png"),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from kdq.data import DataBundle
-from kdq.engine import predict
+from kdq.engine import count_macs, count_params, predict, weight_sparsity
 from kdq.errors import KdqError
 from kdq.quant.lowbit.pack import export_packed_file
 from kdq.rundir.load import LoadedRun, calibration_set, check_calibration, load_run, renormalize, run_format
@@ -60,6 +60,7 @@ def export(
         return _export_int8_run(loaded, out)
     model, meta, bundle = loaded.model, loaded.meta, loaded.data
     test_x = renormalize(bundle.test.x, bundle, meta)
+    meta = {**meta, **_source_figures(model, test_x)}
     float_path = out if not int8 else out.with_name(out.stem + ".float.onnx")
     export_onnx(model, test_x[:2], float_path, meta=meta, verify=False)
     try:
@@ -87,6 +88,13 @@ def export(
     return info
 
 
+def _source_figures(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """MACs and weight sparsity of the model exported, carried in the ONNX file's metadata so
+    that `kdq evaluate model.onnx` reports them like any run (an ONNX Runtime int8 file made
+    from the float export carries the float model's figures)."""
+    return {"macs": count_macs(model, x[:1]), "sparsity": weight_sparsity(model), "params": count_params(model)}
+
+
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1).cpu() == y.cpu()).float().mean().item()
 
@@ -96,6 +104,7 @@ def _export_int8_run(loaded: LoadedRun, out: Path) -> dict[str, Any]:
 
     qmodel, meta, bundle = loaded.model, loaded.meta, loaded.data
     test_x = renormalize(bundle.test.x, bundle, meta).cpu()  # PyTorch int8 kernels are CPU kernels
+    meta = {**meta, **_source_figures(qmodel, test_x)}
     export_onnx(qmodel, test_x[:2], out, meta=meta)
     torch_logits, ort_logits = predict(qmodel, test_x), OrtModel(out).predict(test_x)
     return {

@@ -20,6 +20,8 @@ _TRAIN_HELP = {
     "schedule": "cosine, onecycle or constant",
     "warmup_epochs": "linear warm-up length in epochs",
     "patience": "stop after this many epochs without a better validation accuracy",
+    "keep_epoch": "keep the weights after this epoch as epoch-N.safetensors (0: the initial ones), "
+                  "for `kdq prune --rewind weights --rewind-epoch N`",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "seed": "seed of the initial weights, shuffling and augmentation: same seed, same weights (0 to 2**32-1)",
     "deterministic": "deterministic CUDA kernels too (slower); the CPU needs no flag",

@@ -36,6 +36,7 @@ class StageKind:
     # several runs in one stage (a recipe, mutual learning): (stage, returned) -> ({row: results}, sweep rows)
     collect: Callable[[Any, Any], tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]] | None = None
     yaml: bool = True  # a YAML kind (some verbs, like evaluate, only read runs)
+    takes: tuple[str, ...] = ("float",)  # the kinds of run its YAML `source` may name
     distributed: bool = False  # may run data-parallel under torchrun
 
     def run_kind(self, options: dict[str, Any]) -> str:
