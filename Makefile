@@ -5,7 +5,7 @@ CONSTRAINTS ?= constraints.txt
 BIN         := $(VENV)/bin
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench bench-int8 bench-lowbit clean
+.PHONY: demo test install data bench bench-int8 bench-lowbit bench-distill bench-prune clean
 
 $(BIN)/kdq: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ bench-int8: install data
 # About an hour on 2 cores: issue 4's low-bit recipes at 16/8/4/2/1 bits over two seeds, then quantizers
 bench-lowbit: install data
 	$(BIN)/python bench/lowbit.py --out runs/lowbit
+
+# About 70 minutes on 2 cores: every distillation method over 3 seeds, then a timing pass
+bench-distill: install data
+	$(BIN)/python bench/distill.py --out runs/bench-distill
+
+# About an hour on 2 cores: pruning curves over 2 seeds, speed in PyTorch and ONNX Runtime, the journey
+bench-prune: install data
+	$(BIN)/python bench/prune.py --out runs/bench-prune
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

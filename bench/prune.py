@@ -1,6 +1,6 @@
 """Pruning measured: accuracy against sparsity and MACs, speed in PyTorch and ONNX Runtime, the journey.
 
-    .venv/bin/python bench/prune.py [--out runs/bench-prune] [--models resnet56,mobilenetv2-x0.5] [--seeds 0,1]
+    .venv/bin/python bench/prune.py [--out runs/bench-prune] [--models resnet56,mobilenetv2-x0.35] [--seeds 0,1]
                                     [--subset 5000] [--base-epochs 8] [--epochs 2] [--write BENCHMARKS.md]
 
 For each model and seed, a dense model is trained on a Fashion-MNIST training subset (keeping
@@ -176,7 +176,7 @@ def replace_section(path: Path, report: str) -> None:
 def main() -> None:  # noqa: PLR0915 - one report, top to bottom
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench-prune")
-    p.add_argument("--models", default="resnet56,mobilenetv2-x0.5")
+    p.add_argument("--models", default="resnet56,mobilenetv2-x0.35")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--subset", type=int, default=5000)
     p.add_argument("--base-epochs", type=int, default=8)

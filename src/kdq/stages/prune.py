@@ -106,8 +106,8 @@ def prune(
     model, bundle = source.model, source.data
     zoo_spec(model, run)  # the pruned model must rebuild from its spec
     config = _config(method, sparsity, ratio, macs, params, importance, scope, skip)
-    start_lr = _start_lrs(run, rewind, rewind_epoch, cfg, rounds)
     rewound = _rewind_weights(run, rewind_epoch) if rewind == "weights" else None
+    start_lr = _start_lrs(run, rewind, rewind_epoch, cfg, rounds)
     objective, methods = teacher_objective(teacher, bundle, cfg, distill_method, temperature, alpha, features)
     record = {"command": "prune", "source": str(run), "method": method, "pruning": _config_record(config),
               "gradual": gradual, "rounds": rounds, "rewind": rewind, "rewind_epoch": rewind_epoch,
@@ -232,7 +232,11 @@ def _start_lrs(run: Path, rewind: str, rewind_epoch: int | None, cfg: TrainConfi
     if not isinstance(train, dict) or "epochs" not in train:
         raise KdqError(f"{run}/config.yaml records no training schedule to rewind; use --rewind none")
     epoch = rewind_epoch if rewind == "weights" else max(0, train["epochs"] - cfg.epochs)
-    return [_lr_at(train, epoch)] * rounds
+    lr = _lr_at(train, epoch)
+    if not lr > 0:
+        raise KdqError(f"the source's learning rate after epoch {epoch} of its {train['epochs']} is 0 (its schedule "
+                       "ended there), so rewinding to it would not train; rewind to an earlier epoch")
+    return [lr] * rounds
 
 
 def _rewind_weights(run: Path, epoch: int) -> dict[str, torch.Tensor]:
