@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -58,6 +59,8 @@ def once(out: Path, make) -> dict[str, Any]:  # noqa: ANN001
     done = results(out)
     if done is None:
         print(f"== {out}", file=sys.stderr)
+        if out.exists():  # an interrupted benchmark's unfinished run: start it again
+            shutil.rmtree(out)
         make(out)
         done = results(out)
     return done
