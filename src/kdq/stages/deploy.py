@@ -19,7 +19,7 @@ from typing import Any
 from kdq.data import DataBundle
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import DEPLOYED, write_config
-from kdq.rundir.load import check_calibration, data_record, run_data, run_format
+from kdq.rundir.load import check_calibration, data_record, run_data
 from kdq.stages.common import record_results
 from kdq.stages.evaluate import evaluate_onnx_file
 from kdq.stages.export import export
@@ -43,8 +43,7 @@ def deploy(
     run, out = Path(run), Path(out)
     if int8:
         check_calibration(calibration_batches, 128)
-    run_format(run)  # a folder that holds no model fails here, before `out` is claimed
-    bundle = run_data(run, data)
+    bundle = run_data(run, data)  # a folder that holds no run fails here, before `out` is claimed
     record = {"command": "deploy", "source": str(run), "int8": int8, "calibration_batches": calibration_batches,
               "calibrate_method": calibrate_method, "activation_type": activation_type, "data": data_record(bundle)}
     with claim(out, "onnx", "deploy", resume=resume, overwrite=overwrite, record=record):

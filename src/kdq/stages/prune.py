@@ -41,8 +41,17 @@ from kdq.engine.config import PRUNE_DEFAULTS, TRAIN_KEYS
 from kdq.engine.train import build_scheduler
 from kdq.errors import KdqError
 from kdq.io import load_weights, write_json
-from kdq.prune import Channels, GradualSchedule, Magnitude, attach_masks, make_permanent, prune_channels, save_sparse
-from kdq.prune import sparsity_of, update_masks
+from kdq.prune import (
+    Channels,
+    GradualSchedule,
+    Magnitude,
+    attach_masks,
+    make_permanent,
+    prune_channels,
+    save_sparse,
+    sparsity_of,
+    update_masks,
+)
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import BEST, PHASE_FILE, kept_epoch, read_config, round_dir, write_config
 from kdq.rundir.load import data_meta, data_record, load_run, run_format, save_model
@@ -113,7 +122,7 @@ def prune(
               "gradual": gradual, "rounds": rounds, "rewind": rewind, "rewind_epoch": rewind_epoch,
               "teacher": teacher_record(teacher), "temperature": temperature, "alpha": alpha, **methods,
               "epochs": epochs, "train": cfg.to_dict(), "data": data_record(bundle)}
-    before = {"params": count_params(model)}
+    params_before = count_params(model)
     primary = distributed.is_primary()
     with distributed.primary_only(claim(out, "float", "prune", resume=resume, overwrite=overwrite, record=record), out):
         if primary:
@@ -134,7 +143,7 @@ def prune(
         else:
             save_model(out, model, data_meta(bundle))
         results = evaluate(model, bundle, weights=out / run_format(out).tensors)
-        report.update(params_before=before["params"], params_after=count_params(model))
+        report.update(params_before=params_before, params_after=count_params(model))
         if method == "magnitude":  # each layer's sparsity (channels: the report has each layer's kept channels)
             report["layers"] = sparsity_of(model)["layers"]
         fitted = {k: report.pop(k) for k in ("best_epoch", "best_val_accuracy") if k in report}  # the last round's
