@@ -5,12 +5,12 @@ CONSTRAINTS ?= constraints.txt
 BIN         := $(VENV)/bin
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench bench-int8 bench-lowbit bench-distill bench-prune clean
+.PHONY: demo test install data browser bench bench-int8 bench-lowbit bench-distill bench-prune clean
 
 $(BIN)/kdq: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev,tensorboard]'
 	@touch $@
 
 install: $(BIN)/kdq
@@ -24,11 +24,22 @@ data:
 		|| echo "make: could not install dataset-fashion-mnist; kdq will look elsewhere or download"; \
 	else echo "make: run 'sudo apt-get install dataset-fashion-mnist' or let kdq download Fashion-MNIST"; fi
 
+# Headless Chromium renders HTML pages in tests/report (browser.py); those tests skip without it.
+# Debian's package is about a minute and 600 MB on disk with its libraries; installed once.
+browser:
+	@if [ -n "$$KDQ_CHROMIUM" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+		|| command -v google-chrome >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "make: installing chromium for the browser tests (about a minute, 600 MB)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "make: could not install chromium; the browser tests will be skipped"; \
+	else echo "make: no chromium: run 'sudo apt-get install chromium' or set KDQ_CHROMIUM, else the browser tests skip"; fi
+
 demo: install data
 	$(BIN)/kdq run examples/quickstart.yaml --out runs/quickstart
 
 # The import-layer contracts in pyproject.toml first: a broken layer fails before any test runs.
-test: install data
+test: install data browser
 	@if [ -x $(BIN)/lint-imports ]; then $(BIN)/lint-imports --no-cache --no-logo; \
 	else echo "make: lint-imports needs Python 3.11+; the import layers are not checked"; fi
 	$(BIN)/python -m pytest -q

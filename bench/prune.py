@@ -90,6 +90,37 @@ def structured(base: Path, root: Path, macs: float, epochs: int, common: dict) -
     }
 
 
+def at_target(base: Path, root: Path, round_to: int, epochs: int, common: dict) -> dict[str, Any]:
+    """2x fewer MACs at widths a multiple of `round_to`, KD fine-tuned `epochs` epochs by the unpruned model."""
+    return once(root / f"ch2.0-r{round_to}-kd{epochs}", lambda out: kdq.prune(
+        base, out, method="channels", macs=2.0, round_to=round_to, teacher=base, epochs=epochs, **common))
+
+
+def dense_control(base: Path, root: Path, epochs: int, common: dict) -> dict[str, Any]:
+    """The dense model given the same extra training: nothing removed (ratio 0), KD fine-tuned `epochs` epochs."""
+    return once(root / f"dense-kd{epochs}", lambda out: kdq.prune(
+        base, out, method="channels", ratio=0.0, teacher=base, epochs=epochs, **common))
+
+
+def rounded_table(model: str, struct: dict, roundings: list[int], dense_acc: list[float], dense0: dict,
+                  epochs: int) -> list[str]:
+    """The 2x-MACs target rows: against the source dense model and against it given the same extra epochs."""
+    control = [r["accuracy"] for r in struct["control"]]
+    lines = [f"### {model}: 2x fewer MACs, widths a multiple of N, KD fine-tuned {epochs} epochs", "",
+             f"Control: the dense model KD fine-tuned the same {epochs} epochs, nothing removed: {mean_std(control)}.",
+             "", "| widths | MACs kept | params kept | KD fine-tune | vs dense source (points) "
+             "| vs dense control (points) |", "|---|---|---|---|---|---|"]
+    for r in roundings:
+        rows = struct[("rounded", r)]
+        acc = [x["accuracy"] for x in rows]
+        loss = (statistics.mean(acc) - statistics.mean(dense_acc)) * 100
+        verdict = "met" if loss >= -MAX_KD_LOSS else "MISSED"
+        lines.append(f"| x{r} | {rows[0]['macs'] / dense0['macs']:.2f} | {rows[0]['params'] / dense0['params']:.2f} "
+                     f"| {mean_std(acc)} | {loss:+.2f} (target -{MAX_KD_LOSS}: {verdict}) "
+                     f"| {(statistics.mean(acc) - statistics.mean(control)) * 100:+.2f} |")
+    return [*lines, ""]
+
+
 def timed(run: Path, work: Path) -> list[dict[str, Any]]:
     """PyTorch float and int8, ONNX Runtime float and int8 of one float run, timed now."""
     int8 = work / f"{run.name}-int8"
@@ -104,7 +135,7 @@ def timed(run: Path, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def speed_table(model: str, dense: list[dict], pruned: list[dict]) -> list[str]:
+def speed_table(model: str, widths: str, dense: list[dict], pruned: list[dict]) -> list[str]:
     lines = []
     for d, p in zip(dense, pruned):
         faster = p["throughput_per_s"] / d["throughput_per_s"]
@@ -112,14 +143,16 @@ def speed_table(model: str, dense: list[dict], pruned: list[dict]) -> list[str]:
         target = ""
         if d["runtime"] == "ONNX Runtime" and d["variant"] == "float":
             target = f" (target {MIN_ORT_SPEEDUP}x: {'met' if faster >= MIN_ORT_SPEEDUP else 'MISSED'})"
-        lines.append(f"| {model} | {d['runtime']} | {d['variant']} | {d['latency_ms_batch1']:.3f} / {p['latency_ms_batch1']:.3f} "
+        lines.append(f"| {model} | {widths} | {d['runtime']} | {d['variant']} | {d['latency_ms_batch1']:.3f} / {p['latency_ms_batch1']:.3f} "
                      f"| {lower:.2f}x | {d['throughput_per_s']:.0f} / {p['throughput_per_s']:.0f} | {faster:.2f}x{target} |")
     return lines
 
 
-def journey(out: Path, work: Path) -> list[str]:
+def journey(out: Path, work: Path, timing: bool = True) -> list[str]:
     """examples/compress.yaml, then its teacher (PyTorch float) against the deployed student (ORT int8)."""
     kdq.run_experiment(kdq.load_experiment(ROOT / "examples" / "compress.yaml"), out)  # reuses finished stages
+    if not timing:
+        return []
     teacher = {**kdq.evaluate(out / "teacher", out=work / "journey-teacher"), "runtime": "PyTorch float"}
     student = {**evaluate_onnx_file(out / "deployed" / DEPLOYED, write=False), "runtime": "ONNX Runtime int8"}
     pruned = results(out / "pruned")
@@ -186,17 +219,22 @@ def main() -> None:  # noqa: PLR0915 - one report, top to bottom
     p.add_argument("--epochs", type=int, default=2, help="retraining epochs of every pruned run")
     p.add_argument("--sparsities", default="0.5,0.75,0.9,0.95")
     p.add_argument("--macs", default="1.5,2,3")
+    p.add_argument("--round-to", default="8,16", help="widths a multiple of these, for the 2x-MACs target rows")
+    p.add_argument("--target-epochs", type=int, default=8, help="KD fine-tuning epochs of the target rows")
     p.add_argument("--no-journey", action="store_true", help="skip examples/compress.yaml")
+    p.add_argument("--no-timing", action="store_true",
+                   help="train and score only (for a busy machine); time later on a quiet one, reusing the runs")
     p.add_argument("--write", help="replace this report's section in this Markdown file (e.g. BENCHMARKS.md)")
     args = p.parse_args()
     out, seeds = Path(args.out), [int(s) for s in args.seeds.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     targets = [float(m) for m in args.macs.split(",")]
+    roundings = [int(r) for r in args.round_to.split(",")] if args.round_to else []
     data = kdq.load_dataset("fashion-mnist", subset=args.subset)
     env = environment("cpu")
     lines = [SECTION, "", f"Command: `.venv/bin/python bench/prune.py --models {args.models} --seeds {args.seeds} "
              f"--subset {args.subset} --base-epochs {args.base_epochs} --epochs {args.epochs} --sparsities "
-             f"{args.sparsities} --macs {args.macs}`", "",
+             f"{args.sparsities} --macs {args.macs} --round-to {args.round_to} --target-epochs {args.target_epochs}`", "",
              f"Machine: {describe_machine(env)}, {env['threads']} threads, torch {env['torch']}. Fashion-MNIST, "
              f"{args.subset} training images, the 10,000 test images; every pruned run retrains {args.epochs} "
              "epochs (one-shot: none), mean ± std over seeds.", ""]
@@ -218,6 +256,10 @@ def main() -> None:  # noqa: PLR0915 - one report, top to bottom
             for m in targets:
                 for label, r in structured(base, root, m, args.epochs, common).items():
                     struct.setdefault((m, label), []).append(r)
+            if roundings:
+                struct.setdefault("control", []).append(dense_control(base, root, args.target_epochs, common))
+            for r in roundings:
+                struct.setdefault(("rounded", r), []).append(at_target(base, root, r, args.target_epochs, common))
         labels = ["one-shot", *REWINDS]
         lines += [f"### {model}: unstructured (global magnitude)", "",
                   f"Dense: {mean_std(dense_acc)}. Accuracy, and the sparse file against the dense one.", "",
@@ -243,16 +285,24 @@ def main() -> None:  # noqa: PLR0915 - one report, top to bottom
             for k in ("fine-tune", "KD fine-tune"):
                 curves.setdefault((model, "macs"), {}).setdefault(k, {})[m] = [r["accuracy"] for r in struct[(m, k)]]
         lines.append("")
-        if 2.0 in targets:
+        if roundings:
+            lines += rounded_table(model, struct, roundings, dense_acc, dense0, args.target_epochs)
+        if 2.0 in targets and not args.no_timing:
             work = out / "timing"
             first = out / model / f"s{seeds[0]}"
-            speed_lines += speed_table(model, timed(first / "dense", work), timed(first / "ch2.0-kd", work))
-    lines += ["### Speed: the 2x-fewer-MACs model against the dense one, measured in one run", "",
-              "| model | runtime | variant | b=1 latency ms (dense / pruned) | lower by | b=256 img/s (dense / pruned) | faster |",
-              "|---|---|---|---|---|---|---|", *speed_lines, "",
-              "Unstructured sparsity runs on the same dense kernels: no faster (`bench/sparse.py` times it).", ""]
+            dense_rows = timed(first / "dense", work)
+            speed_lines += speed_table(model, "exact", dense_rows, timed(first / "ch2.0-kd", work))
+            for r in roundings:
+                speed_lines += speed_table(model, f"x{r}", dense_rows,
+                                           timed(first / f"ch2.0-r{r}-kd{args.target_epochs}", work))
+    if speed_lines:
+        lines += ["### Speed: the 2x-fewer-MACs models against the dense one, measured in one run", "",
+                  "Widths: exact (whatever the MACs target gave) or kept a multiple of 8 or 16 (`--round-to`).", "",
+                  "| model | widths | runtime | variant | b=1 latency ms (dense / pruned) | lower by "
+                  "| b=256 img/s (dense / pruned) | faster |", "|---|---|---|---|---|---|---|---|", *speed_lines, "",
+                  "Unstructured sparsity runs on the same dense kernels: no faster (`bench/sparse.py` times it).", ""]
     if not args.no_journey:
-        lines += ["### The journey: examples/compress.yaml", "", *journey(out / "journey", out / "timing"), ""]
+        lines += ["### The journey: examples/compress.yaml", "", *journey(out / "journey", out / "timing", not args.no_timing), ""]
     report = "\n".join(lines)
     plot(curves, out / "prune.png", f"Fashion-MNIST subset {args.subset}, seeds {args.seeds}")
     (out / "report.md").write_text(report)

@@ -17,11 +17,13 @@ from kdq.stages.export import export
 from kdq.recipes import run_recipe, sweep
 from kdq.config import load_experiment
 from kdq.experiment import run_experiment
+from kdq.report.compare import compare
+from kdq.report.page import report_runs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KdqError", "DataBundle", "load_dataset", "list_datasets", "create_model", "list_models", "KDLoss",
     "TrainConfig", "Run", "train", "distill", "evaluate", "quantize", "qat", "prune", "export", "run_recipe", "sweep",
-    "load_experiment", "run_experiment", "load_model", "load_run",
+    "load_experiment", "run_experiment", "load_model", "load_run", "compare", "report_runs",
 ]

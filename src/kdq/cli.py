@@ -39,6 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a value: a stage's (teacher.epochs=2) or a section's (data.subset=1000)")
     run.add_argument("--out", help="output folder (default: the file's `out`, else runs/<name>)")
+    runs_help = "run directories, experiment folders, or folders searched for runs (seeds of one model are grouped)"
+    report = sub.add_parser("report", help="compare runs on one page: report.html (self-contained) and report.md")
+    report.add_argument("runs", nargs="*", metavar="RUN_OR_EXPERIMENT", help=runs_help)
+    report.add_argument("--out", required=True, help="folder to write report.html, report.md and its figures into")
+    report.add_argument("--reference", metavar="LABEL",
+                        help="the row every ratio is taken against "
+                             "(default: the experiment's teacher, else the first row)")
+    report.add_argument("--models", metavar="A,B",
+                        help="rows shown in detail: per-class accuracy, confusion matrices, training curves "
+                             "(default: the reference and the most accurate other)")
+    report.add_argument("--title", help="the page's title (default: what was compared, on which data)")
+    compare = sub.add_parser("compare", help="print the comparison table of runs (the summary of `kdq report`)")
+    compare.add_argument("runs", nargs="*", metavar="RUN", help=runs_help)
+    compare.add_argument("--reference", metavar="LABEL", help="the row every ratio is taken against")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table instead of plain text")
     return parser
 
 
@@ -92,7 +107,25 @@ def _cmd_run(args: argparse.Namespace) -> None:
     run_experiment(load_experiment(args.experiment, args.set), args.out)
 
 
-COMMANDS = {"datasets": _cmd_datasets, "models": _cmd_models, "methods": _cmd_methods, "run": _cmd_run}
+def _cmd_report(args: argparse.Namespace) -> None:
+    from kdq.report.compare import collect, summary_table
+    from kdq.report.page import write_report
+
+    models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
+    rows = collect(args.runs)
+    files = write_report(rows, args.out, title=args.title, reference=args.reference, models=models)
+    print(summary_table(rows, args.reference, markdown=False), end="")
+    print(f"wrote {files.html} and {files.markdown} ({len(files.figures)} figures beside it)", file=sys.stderr)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from kdq.report.compare import compare
+
+    print(compare(args.runs, args.reference, markdown=args.markdown), end="")
+
+
+COMMANDS = {"datasets": _cmd_datasets, "models": _cmd_models, "methods": _cmd_methods, "run": _cmd_run,
+            "report": _cmd_report, "compare": _cmd_compare}
 
 
 def _command(name: str):  # noqa: ANN202

@@ -35,7 +35,8 @@ from kdq.rundir.load import saved_meta, shape_text
 from kdq.stages import STAGES, StageKind
 
 TOP_LEVEL = ("name", "out", "data", "train", "stages", "compare")
-DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download")
+DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download",
+             "samples", "features", "classes")  # the last three: a generated data set's size (synthetic)
 QUANT_CHOICES = {
     "method": ("static", "dynamic"),
     "backend": ("x86", "fbgemm", "qnnpack"),
@@ -216,7 +217,7 @@ def parse_experiment(raw: dict[str, Any], default_name: str = "experiment") -> E
     if "name" not in data:
         raise KdqError("data.name is required, e.g. data: {name: fashion-mnist}")
     _check_values(data, DATA_RULES, "data")
-    shape = _data_shape(data["name"])
+    shape = _data_shape(data["name"], {k: v for k, v in data.items() if k in _SOURCE_KEYS})
     defaults = _mapping(raw.get("train"), "train")
     _check_keys(defaults, TRAIN_KEYS, "train")
     try:
@@ -324,14 +325,22 @@ def _check_default_types(kind: StageKind, options: dict[str, Any], where: str) -
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _data_shape(name: str) -> tuple[str, tuple[int, ...], int]:
-    """(name, input shape, classes) of a registered data set, known without reading its files."""
+_SOURCE_KEYS = ("samples", "features", "classes")  # data keys the data set itself checks (Source.configure)
+
+
+def _data_shape(name: str, options: dict[str, Any]) -> tuple[str, tuple[int, ...], int]:
+    """(name, input shape, classes) of a registered data set with its own options (synthetic's
+    samples, features, classes), known without reading its files."""
     from kdq.data.catalog import DATASETS
 
     try:
         source = DATASETS.get(name)
     except KdqError as exc:
         raise KdqError(f"data.name: {exc}") from None
+    try:
+        source = source.configure(**options)
+    except KdqError as exc:
+        raise KdqError(f"data: {exc}") from None
     return name, tuple(source.input_shape), source.num_classes
 
 

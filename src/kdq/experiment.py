@@ -1,4 +1,5 @@
-"""Run a multi-stage YAML experiment and compare its models in one table."""
+"""Run a multi-stage YAML experiment and compare its models in one table and on one report page
+(report.html and report.md in the experiment's folder, kdq.report.page)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from kdq.engine import describe_machine, distributed
 from kdq.errors import KdqError
 from kdq.io import read_json, write_json, write_text
 from kdq.recipes import write_report
+from kdq.report.compare import collect
+from kdq.report.page import write_report as write_page
 from kdq.report.table import human_bytes, markdown_table
 from kdq.rundir.claim import check_claim, claim
 from kdq.rundir.layout import STAGE_FILE, SUMMARY_JSON, SUMMARY_MD, read_results
@@ -67,9 +70,13 @@ def _claim_stage(stage: Stage, stage_dir: Path, same: bool):  # noqa: ANN202
 def _run_stages(exp: Experiment, root: Path, bundle, data_record: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     results: dict[str, dict[str, Any]] = {}
     sweep_rows: list[dict[str, Any]] = []
-    for stage in exp.stages:
+    for number, stage in enumerate(exp.stages, 1):
         stage_dir = root / stage.name
-        print(f"== {exp.name}: stage {stage.name} ({stage.kind} {stage.model}) -> {stage_dir}", file=sys.stderr)
+        # each stage announced as it starts: "[3/5] pruned: prune resnet8 channels from student -> runs/x/pruned"
+        taught = ", ".join(map(str, stage.teacher)) if isinstance(stage.teacher, list) else stage.teacher
+        print(f"[{number}/{len(exp.stages)}] {stage.name}: {stage.kind} {_arch(stage)}"
+              f"{f' from {stage.source}' if stage.source else ''}{f' taught by {taught}' if taught else ''}"
+              f" -> {stage_dir}", file=sys.stderr, flush=True)
         rows, sweep = _run_stage(stage, bundle, data_record, stage_dir, root, results)
         results.update(rows)
         sweep_rows += sweep
@@ -79,10 +86,29 @@ def _run_stages(exp: Experiment, root: Path, bundle, data_record: dict[str, Any]
         summary["sweep"] = _sweep_report(exp, sweep_rows, results, root)
         summary["sweep_rows"] = sweep_rows
         text += "\n" + summary["sweep"] + "\n"
+    summary["compare"] = dict(exp.compare)  # `kdq report` on this folder takes its teacher as the reference
     write_json(root / SUMMARY_JSON, summary)
     write_text(root / SUMMARY_MD, text)
     print(text, end="")
+    _write_page(exp, root)
     return summary
+
+
+def _write_page(exp: Experiment, root: Path) -> None:
+    """report.html and report.md beside the summary: every stage compared on one page, ratios
+    against the teacher. The stages' results are safe in their folders whatever happens here, so
+    a report that cannot be written is a warning saying how to write it later."""
+    try:
+        rows = collect([root / stage.name for stage in exp.stages])
+        teacher = exp.compare.get("teacher")
+        reference = next((r.label for r in rows if teacher and str(root / teacher) in r.paths), None)
+        files = write_page(rows, root, title=f"{exp.name}: every stage compared on {rows[0].dataset}",
+                           reference=reference)
+    except KdqError as exc:
+        print(f"kdq: warning: report not written: {exc}; write it with `kdq report {root} --out {root}`",
+              file=sys.stderr)
+        return
+    print(f"wrote {files.html} and {files.markdown}", file=sys.stderr)
 
 
 def _fingerprint(stage: Stage, data_record: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -96,10 +122,22 @@ def _same_fingerprint(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
     if not (stage_dir / STAGE_FILE).exists():
         return False
     try:
-        return read_json(stage_dir / STAGE_FILE, fix=f"running stage {stage_dir.name} again") == fingerprint
+        recorded = read_json(stage_dir / STAGE_FILE, fix=f"running stage {stage_dir.name} again")
     except KdqError as exc:
         print(f"kdq: warning: {exc}", file=sys.stderr)
         return False
+    return _what_counts(recorded) == _what_counts(fingerprint)
+
+
+# Training options that change how a run is watched, not what it computes: turning the progress
+# bar or TensorBoard on does not make a finished stage stale.
+WATCHING_KEYS = ("progress", "log", "log_every")
+
+
+def _what_counts(fingerprint: Any) -> Any:
+    if not (isinstance(fingerprint, dict) and isinstance(fingerprint.get("train"), dict)):
+        return fingerprint
+    return {**fingerprint, "train": {k: v for k, v in fingerprint["train"].items() if k not in WATCHING_KEYS}}
 
 
 def _finished_results(stage_dir: Path) -> dict[str, Any]:

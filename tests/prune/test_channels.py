@@ -124,6 +124,30 @@ def test_a_reduction_target_is_reached(config, low, high):
     assert report["ratio"] is None
 
 
+@pytest.mark.parametrize("config", [Channels(macs=2.0, round_to=8), Channels(ratio=0.3, round_to=4, scope="global"),
+                                    Channels(params=2.0, round_to=8, scope="global")])
+def test_round_to_keeps_widths_a_multiple(config):
+    model, x = _model("wrn-16-1", (3, 8, 8))
+    report = prune_channels(model, x, config)
+    kept = {layer: s["kept"] for layer, s in report["layers"].items() if layer != "fc"}
+    assert all(k % config.round_to == 0 or k == report["layers"][layer]["of"] for layer, k in kept.items()), kept
+    assert any(k < report["layers"][layer]["of"] for layer, k in kept.items())  # it still prunes
+    if config.target:  # still near the target: the search steps a group by round_to channels
+        key, factor = config.target
+        assert factor * 0.85 < report[f"{key}_reduction"] < factor * 1.15, report
+    assert report["round_to"] == config.round_to
+    rebuilt = kdq.create_model(**model.kdq_spec).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+def test_round_to_never_widens_a_layer():
+    model, x = _model("cnn-tiny", (1, 8, 8))  # 8- and 16-channel layers
+    report = prune_channels(model, x, Channels(ratio=0.5, round_to=16))
+    assert report["layers"]["stage1.0.0"] == {"kept": 8, "of": 8}  # 4 rounds up to 16, capped at 8
+    assert report["layers"]["stage2.0.0"] == {"kept": 16, "of": 16}
+
+
 def test_skip_keeps_a_blocks_outputs():
     model, x = _model("cnn-tiny", (1, 8, 8))
     report = prune_channels(model, x, Channels(ratio=0.5, skip=("stage1",)))
@@ -182,6 +206,8 @@ def test_a_users_module_is_pruned(scope):
     (dict(ratio=0.5, importance="l3"), r"unknown importance 'l3' \(did you mean"),
     (dict(ratio=0.5, scope="model"), "scope must be layer"),
     (dict(ratio=0.5, skip=[3]), "skip must be a list of layer names"),
+    (dict(ratio=0.5, round_to=0), "round_to must be a whole number from 1"),
+    (dict(ratio=0.5, round_to=2.5), "round_to must be a whole number from 1"),
 ])
 def test_bad_configs_are_one_line(kwargs, message):
     with pytest.raises(KdqError, match=message) as err:

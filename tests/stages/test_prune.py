@@ -51,6 +51,16 @@ def test_channels_really_removed_and_the_run_rebuilds(base, tmp_path):
     torch.testing.assert_close(run.model.eval()(x), _outputs(out, x), rtol=0, atol=0)
 
 
+def test_round_to_from_the_command_line(base, tmp_path):
+    out = tmp_path / "rounded"
+    assert main(["prune", str(base), "--method", "channels", "--ratio", "0.4", "--round-to", "4", "--epochs", "0",
+                 *QUIET, "--out", str(out)]) == 0
+    layers = _results(out)["pruning"]["layers"]
+    assert _results(out)["pruning"]["round_to"] == 4
+    assert all(s["kept"] % 4 == 0 or s["kept"] == s["of"] for name, s in layers.items() if name != "fc"), layers
+    assert main(["prune", str(base), "--sparsity", "0.5", "--round-to", "4", *QUIET, "--out", str(tmp_path / "x")]) == 2
+
+
 def test_magnitude_in_rounds_with_weight_rewinding(base, tmp_path):
     out = tmp_path / "lottery"
     assert main(["prune", str(base), "--sparsity", "0.8", "--scope", "global", "--rounds", "2", "--rewind", "weights",

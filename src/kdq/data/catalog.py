@@ -76,6 +76,7 @@ _add(DigitsSource(
     input_shape=(1, 8, 8), num_classes=10, crop_padding=0, flip=False,  # too small to crop
 ))
 _add(SyntheticSource(
-    name="synthetic", description="generated tabular problem: 20 features, 10 classes, 10k train / 2k test",
+    name="synthetic", description="generated tabular problem: 20 features, 10 classes, 10k train / 2k test "
+                                  "(options samples, features, classes resize it)",
     input_shape=(20,), num_classes=10, crop_padding=0, flip=False,
 ))

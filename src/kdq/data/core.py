@@ -73,6 +73,7 @@ def load_dataset(
     subset: int | None = None,
     seed: int = 0,
     download: bool = True,
+    **options: Any,
 ) -> DataBundle:
     """Load a registered data set as normalised CPU tensors with a seeded validation split.
 
@@ -80,8 +81,11 @@ def load_dataset(
     seeded with `seed`. A count above a quarter of the training set (e.g. the default 5000 on
     digits or synthetic) falls back to 10% of it; at least one training sample always remains.
     subset: keep at most this many samples of each split (a seeded random choice), for quick runs.
+    options: the data set's own (Source.configure), e.g. synthetic's samples, features and classes;
+    None means the default, as for subset.
     """
-    source = DATASETS.get(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    source = DATASETS.get(name).configure(**options)
     if subset is not None and subset < 1:
         raise KdqError(f"subset must be a positive number of samples, got {subset}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:  # torch's generator limit
@@ -117,7 +121,7 @@ def load_dataset(
         crop_padding=source.crop_padding,
         flip=source.flip,
         options={k: v for k, v in {"data_dir": None if data_dir is None else str(data_dir), "val_size": val_size,
-                                    "subset": subset, "seed": seed}.items() if v is not None},
+                                    "subset": subset, "seed": seed, **options}.items() if v is not None},
     )
 
 

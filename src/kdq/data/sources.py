@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,17 @@ class Source:
     num_classes: int
     crop_padding: int  # random-crop padding that suits the image size; 0 turns cropping off
     flip: bool  # whether a mirrored sample is still a sample of the same class
+
+    def configure(self, **options: Any) -> Source:
+        """This data set with its own options applied (`load_dataset(name, **options)`).
+
+        Most data sets take none; a generated one (synthetic) takes its size. The source with
+        no options is the registered one, unchanged. A bad name or value is one KdqError line.
+        """
+        if options:
+            raise KdqError(f"data set {self.name!r} takes no option {next(iter(options))!r}; "
+                           "only generated data sets (synthetic) take options such as samples")
+        return self
 
     def location(self, data_dir: str | Path | None = None) -> str:
         """Where the data comes from, without reading it."""

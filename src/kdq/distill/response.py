@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdq.distill.methods import DistillLoss, check_fraction, check_non_negative, check_positive, register
-from kdq.errors import KdqError
+from kdq.errors import KdqError, short_repr
 
 
 @register("kd", "response", includes_ce=True, paper="Hinton, Vinyals & Dean, Distilling the Knowledge in a Neural Network, 2015")
@@ -19,16 +19,24 @@ class KDLoss(DistillLoss):
     on the same scale as the hard term's when T changes (Hinton, Vinyals & Dean,
     "Distilling the Knowledge in a Neural Network", 2015, section 2). `targets` may be
     class indices or probability rows (mixup / cutmix / label smoothing).
-    Returns a dict with `loss`, `kd` (the T^2-scaled KL term) and `ce`.
+
+    `t_squared=False` drops the T^2 factor: alpha * KL + (1 - alpha) * CE, the convention of
+    tutorial code such as issue 13's seed (examples/tabular.yaml), whose soft term weighs T^2
+    times less against CE than Hinton's at the same alpha and T.
+    Returns a dict with `loss`, `kd` (the KL term, T^2-scaled unless t_squared=False) and `ce`.
     """
 
     shares = ("temperature", "alpha", "label_smoothing")
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.7, label_smoothing: float = 0.0) -> None:
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.7, label_smoothing: float = 0.0,
+                 t_squared: bool = True) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_fraction("alpha", alpha)
         self.label_smoothing = label_smoothing
+        if not isinstance(t_squared, bool):  # "false" or 0 from a hand-written file must not pass as truthy
+            raise KdqError(f"t_squared must be true or false, got {short_repr(t_squared)}")
+        self.t_squared = t_squared
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
                 indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -36,7 +44,9 @@ class KDLoss(DistillLoss):
         # KL in float32 even under autocast: log-softmax of fp16 logits / T loses the small probabilities.
         log_p_student = F.log_softmax(student.float() / t, dim=1)
         log_p_teacher = F.log_softmax(teacher.float() / t, dim=1)
-        kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
+        kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+        if self.t_squared:
+            kd = kd * t * t
         ce = F.cross_entropy(student.float(), targets, label_smoothing=self.label_smoothing)
         return {"loss": self.alpha * kd + (1 - self.alpha) * ce, "kd": kd, "ce": ce}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from kdq.errors import KdqError, suggest
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
+LOGGERS = ("none", "tensorboard")  # where a run's curves go besides metrics.jsonl (kdq.engine.tracking)
 # The loop seeds each epoch's generator with seed * 1_000_003 + epoch, which must stay below
 # torch's 2**64 limit; NumPy takes seeds below 2**32.
 SEED_MAX = 2**32 - 1
@@ -74,6 +76,8 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int = 512
     progress: bool = True
+    log: str = "none"  # "tensorboard": event files in the run directory, for `tensorboard --logdir`
+    log_every: int | None = None  # with a logger: also the batch loss every this many steps
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,12 @@ class TrainConfig:
                f"keep_epoch must be from 0 (the initial weights) to epochs ({self.epochs}), got {self.keep_epoch}")
         _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.log in LOGGERS, f"log must be one of {', '.join(LOGGERS)}, got {self.log!r}")
+        _check(self.log_every is None or self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        _check(self.log_every is None or self.log != "none", "log_every needs a logger; add log: tensorboard (--log tensorboard)")
+        # a missing package fails here, before any work, not after the first epoch
+        _check(self.log != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+               "log: tensorboard needs the tensorboard package; install it with: pip install 'kdq[tensorboard]'")
         resolve_device(self.device)  # an unknown or absent device fails here, before any work
 
     @classmethod
@@ -115,6 +125,9 @@ class TrainConfig:
 
 # The training options by name: YAML keys, CLI flags and a stage's **options.
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
+# The `train:` defaults of an experiment that its fine-tuning stages (qat, prune, recipe) take;
+# they keep their own gentle defaults for the rest (epochs, lr, warm-up: QAT_DEFAULTS above).
+RUN_CONTROL_KEYS = ("batch_size", "device", "progress", "amp", "seed", "log", "log_every")
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from kdq.engine.config import TrainConfig
 from kdq.engine.device import autocast, resolve_device, seed_everything
 from kdq.engine.evaluate import predict
 from kdq.engine.objectives import CrossEntropy, LossFunction, Objective, parts_of
+from kdq.engine.tracking import Tracker, open_tracker
 from kdq.errors import KdqError, short_repr
 from kdq.io import append_jsonl, load_checkpoint, load_weights, read_text, save_checkpoint, save_weights, write_text
-from kdq.rundir.layout import BEST, BEST_OBJECTIVE, CHECKPOINT, METRICS, kept_epoch
+from kdq.rundir.layout import BEST, BEST_OBJECTIVE, CHECKPOINT, METRICS, TENSORBOARD, kept_epoch
 from kdq.schema import DAMAGED, Checker
 
 
@@ -124,6 +126,10 @@ def fit(
     `best_from` (1-based) are never kept as the best: a gradual pruning schedule's epochs
     before it reaches its final sparsity.
 
+    With `cfg.log` "tensorboard" each epoch's record (and with `cfg.log_every` the batch loss)
+    also goes to TensorBoard event files in out/tensorboard (kdq.engine.tracking). Early
+    stopping (`cfg.patience`) is announced on stderr with the epoch it keeps.
+
     Under torchrun (kdq.engine.distributed) the model runs in DistributedDataParallel and the
     objective's parts have their gradients averaged; each rank trains on its share of every
     global batch of `cfg.batch_size`; state set from the first batch (LSQ step sizes) is rank
@@ -136,6 +142,9 @@ def fit(
     if world > 1 and cfg.batch_size % world:
         raise KdqError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
                        f"{world} processes; use a multiple of {world}")
+    if cfg.log != "none" and out is None:
+        raise KdqError(f"log: {cfg.log} writes its files into the run directory; give an out directory "
+                       "(--out), or train with log: none")
     device = distributed.init(resolve_device(cfg.device))
     seed_everything(cfg.seed, cfg.deterministic)
     model.to(device)
@@ -178,6 +187,7 @@ def fit(
         elif primary:
             (out / METRICS).unlink(missing_ok=True)
             (out / BEST_OBJECTIVE).unlink(missing_ok=True)
+            shutil.rmtree(out / TENSORBOARD, ignore_errors=True)  # a fresh run's curves start empty too
     # DDP broadcasts rank 0's model on construction; the objective's parts get the same here.
     train_model = distributed.wrap(model, device)
     distributed.broadcast_module(parts)
@@ -185,54 +195,62 @@ def fit(
     stopped_early = False
     if cfg.keep_epoch == 0 and state["epoch"] == 0 and out is not None and primary:
         save_weights(out / kept_epoch(0), model.state_dict())  # the initial weights, for weight rewinding
-    for epoch in range(state["epoch"], cfg.epochs):
-        if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
-            stopped_early = True
-            break
-        # One generator per epoch, seeded from (seed, epoch): shuffling and augmentation of a
-        # resumed epoch are exactly those of an uninterrupted run.
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        if callable(getattr(objective, "start_epoch", None)):
-            objective.start_epoch(epoch)
-        record = _train_epoch(train_model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device,
-                              gen, epoch)
-        distributed.sync_buffers(model)
-        distributed.sync_buffers(parts)
-        if not math.isfinite(record["train_loss"]):  # before anything of this epoch is saved
-            raise KdqError(f"training diverged: the loss is {record['train_loss']} at epoch {epoch + 1}; "
-                           f"lower --lr (now {cfg.lr:g}) or the distillation temperature, then rerun")
-        val_acc, val_loss = _val_metrics(model, data, cfg)
-        distributed.broadcast_buffers(model)
-        distributed.broadcast_buffers(parts)
-        record.update(val_accuracy=val_acc, val_loss=val_loss)
-        improved = epoch + 1 >= best_from and val_acc > state["best_val_accuracy"]
-        if improved:
-            state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1, bad_epochs=0)
+    # only the primary rank logs; the event files sit beside metrics.jsonl
+    with open_tracker(cfg.log, out / TENSORBOARD if out is not None and primary else None) as tracker:
+        for epoch in range(state["epoch"], cfg.epochs):
+            if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
+                stopped_early = True
+                if primary:
+                    print(f"early stop at epoch {state['epoch']}: no val gain for {state['bad_epochs']} epochs; "
+                          f"keeping epoch {state['best_epoch']} (val {state['best_val_accuracy']:.4f})",
+                          file=sys.stderr)
+                break
+            # One generator per epoch, seeded from (seed, epoch): shuffling and augmentation of a
+            # resumed epoch are exactly those of an uninterrupted run.
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
+            if callable(getattr(objective, "start_epoch", None)):
+                objective.start_epoch(epoch)
+            record = _train_epoch(train_model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler,
+                                  device, gen, epoch, tracker)
+            distributed.sync_buffers(model)
+            distributed.sync_buffers(parts)
+            if not math.isfinite(record["train_loss"]):  # before anything of this epoch is saved
+                raise KdqError(f"training diverged: the loss is {record['train_loss']} at epoch {epoch + 1}; "
+                               f"lower --lr (now {cfg.lr:g}) or the distillation temperature, then rerun")
+            val_acc, val_loss = _val_metrics(model, data, cfg)
+            distributed.broadcast_buffers(model)
+            distributed.broadcast_buffers(parts)
+            record.update(val_accuracy=val_acc, val_loss=val_loss)
+            improved = epoch + 1 >= best_from and val_acc > state["best_val_accuracy"]
+            if improved:
+                state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1, bad_epochs=0)
+                if out is not None and primary:
+                    save_weights(out / BEST, model.state_dict())
+                    if parts is not None:
+                        save_weights(out / BEST_OBJECTIVE, parts.state_dict())
+                if out is None or world > 1:  # other ranks never read the primary's files mid-run
+                    best_memory = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
+                                   for name, m in (("model", model), ("parts", parts)) if m is not None}
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch + 1
+            history.append(record)
+            if primary:
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                    f"train {record['train_accuracy']:.4f}  val {val_acc:.4f}{'  *' if improved else ''}  "
+                    f"{record['images_per_s']:.0f} img/s",
+                    file=sys.stderr,
+                )
             if out is not None and primary:
-                save_weights(out / BEST, model.state_dict())
-                if parts is not None:
-                    save_weights(out / BEST_OBJECTIVE, parts.state_dict())
-            if out is None or world > 1:  # other ranks never read the primary's files mid-run
-                best_memory = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
-                               for name, m in (("model", model), ("parts", parts)) if m is not None}
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        history.append(record)
-        if primary:
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
-                f"train {record['train_accuracy']:.4f}  val {val_acc:.4f}{'  *' if improved else ''}  "
-                f"{record['images_per_s']:.0f} img/s",
-                file=sys.stderr,
-            )
-        if out is not None and primary:
-            if cfg.keep_epoch == epoch + 1:
-                save_weights(out / kept_epoch(epoch + 1), model.state_dict())
-            append_jsonl(out / METRICS, record)
-            save_checkpoint(out / CHECKPOINT, _checkpoint(model, objective, optimizer, scheduler, scaler, state, device))
+                if cfg.keep_epoch == epoch + 1:
+                    save_weights(out / kept_epoch(epoch + 1), model.state_dict())
+                append_jsonl(out / METRICS, record)
+                tracker.epoch(record)
+                save_checkpoint(out / CHECKPOINT,
+                                _checkpoint(model, objective, optimizer, scheduler, scaler, state, device))
 
     if world > 1 and best_memory is not None:
         model.load_state_dict(best_memory["model"])
@@ -254,7 +272,8 @@ def fit(
     return FitResult(state["best_epoch"], state["best_val_accuracy"], state["epoch"], stopped_early, history)
 
 
-def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch) -> dict:
+def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, scheduler, scaler, device, gen, epoch,
+                 tracker: Tracker) -> dict:
     model.train()
     if parts is not None:
         parts.train()
@@ -289,6 +308,9 @@ def _train_epoch(model, parts, loader, data, cfg, objective, optimizer, schedule
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         bar.update()
+        done = epoch * len(loader) + step + 1  # steps over the whole run, so every log_every-th is logged
+        if tracker.active and cfg.log_every and done % cfg.log_every == 0:  # .item() syncs: only every N steps
+            tracker.step(done, terms["loss"].item())
         if step % 20 == 0 and not bar.disable:
             rate = seen / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{(sums['loss'] / seen).item():.3f}",
@@ -365,14 +387,13 @@ def _restore(path: Path, model, objective, optimizer, scheduler, scaler, device)
     return state
 
 
-def _read_history(path: Path, epochs_done: int, rewrite: bool = True) -> list[dict[str, Any]]:
-    """Keep the metrics of the epochs the checkpoint covers; drop lines of a lost epoch.
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """Every epoch's record in a metrics.jsonl (what fit returns as FitResult.history).
 
     append_jsonl loses at most the line being written: a torn last line (no newline after it)
     is dropped. An unreadable line anywhere else means the file was damaged: one KdqError.
     """
-    if not path.exists():
-        return []
+    path = Path(path)
     text = read_text(path)
     lines = text.splitlines()
     rows = []
@@ -389,7 +410,14 @@ def _read_history(path: Path, epochs_done: int, rewrite: bool = True) -> list[di
                 break  # torn by a crash mid-write
             raise KdqError(f"{path}: line {number} is not a metrics record ({short_repr(line)}); {DAMAGED}")
         rows.append(row)
-    rows = [r for r in rows if r["epoch"] <= epochs_done]
+    return rows
+
+
+def _read_history(path: Path, epochs_done: int, rewrite: bool = True) -> list[dict[str, Any]]:
+    """Keep the metrics of the epochs the checkpoint covers; drop lines of a lost epoch."""
+    if not path.exists():
+        return []
+    rows = [r for r in read_history(path) if r["epoch"] <= epochs_done]
     if rewrite:  # only the primary rank writes
         write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows

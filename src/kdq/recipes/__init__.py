@@ -24,11 +24,11 @@ from typing import Any
 from kdq.data import DataBundle
 from kdq.distill import KDLoss, method_losses, method_spec
 from kdq.engine import distributed
-from kdq.engine.config import FINE_TUNE_DEFAULTS, QKD_PHASE_EPOCHS, SEED_MAX, TRAIN_KEYS
+from kdq.engine.config import FINE_TUNE_DEFAULTS, QKD_PHASE_EPOCHS, RUN_CONTROL_KEYS, SEED_MAX, TRAIN_KEYS
 from kdq.errors import KdqError, suggest
 from kdq.io import write_text
 from kdq.recipes import bits, qkd, speq  # noqa: F401 - each registers its recipes
-from kdq.recipes.common import CHECKS, RECIPES, schemes
+from kdq.recipes.common import CHECKS, RECIPES, schemes, seed_position
 from kdq.report.sweep import plot_sweep, size_table, sweep_table
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import SWEEP_MD, SWEEP_PNG, read_results
@@ -70,8 +70,9 @@ def sweep(name: str, source: str | Path, out: str | Path, *, seeds: Sequence[int
     rows = []
     claimed = claim(out, "recipe", "recipe", resume=bool(options.get("resume")), overwrite=overwrite)
     with distributed.primary_only(claimed, out):
-        for seed in seeds:
-            results = run_recipe(name, source, Path(out) / f"seed{seed}", **{**options, "seed": seed})
+        for index, seed in enumerate(seeds):
+            with seed_position(index, len(seeds)):  # each scheme announced as one of all the sweep's runs
+                results = run_recipe(name, source, Path(out) / f"seed{seed}", **{**options, "seed": seed})
             rows += [{"recipe": name, "bits": scheme, "seed": seed, "accuracy": r["accuracy"],
                       "size_bytes": r["size_bytes"], "float_size_bytes": float_size, "run": r.get("run_dir")}
                      for scheme, r in results.items()]
@@ -193,6 +194,6 @@ def _cli(args: argparse.Namespace) -> None:
 STAGES.register(StageKind(
     "recipe", recipe, "low-bit recipes: a float run made into several precisions, with a sweep report",
     writes="recipe", check=_check_stage, keys=_yaml_keys, collect=_collect,
-    inherit=("batch_size", "device", "progress", "amp", "seed"),  # seed: the default of seeds
+    inherit=RUN_CONTROL_KEYS,  # seed: the default of seeds
     add_arguments=_arguments, run_cli=_cli, arch=lambda model, options: model, distributed=True,
 ))

@@ -16,15 +16,15 @@ from typing import Any
 
 from kdq.data import DataBundle
 from kdq.distill.objective import Method
-from kdq.recipes.common import RECIPES, finished, schemes
+from kdq.recipes.common import RECIPES, each_scheme, finished
 from kdq.stages.lowbit import lowbit_qat
 
 
-def _qat_each(source, out, bits, teacher_for, init_for, resume, **options) -> dict[str, dict[str, Any]]:  # noqa: ANN001
+def _qat_each(name, source, out, bits, teacher_for, init_for, resume, **options) -> dict[str, dict[str, Any]]:  # noqa: ANN001
     """lowbit_qat for each scheme in order; `teacher_for`/`init_for(scheme_dir_before)` chain them."""
     results: dict[str, dict[str, Any]] = {}
     previous = None
-    for scheme in schemes(bits):
+    for scheme in each_scheme(name, bits, options.get("seed", 0)):
         run_dir = Path(out) / scheme
         done = finished(run_dir, resume)
         if done is None:
@@ -41,7 +41,7 @@ def individual(source: str | Path, out: str | Path, *, bits: str | Sequence[str]
                act_quantizer: str | None = None, first_last_bits: int | None = 8,
                data: str | DataBundle | None = None, resume: bool = False, **train: Any) -> dict[str, dict[str, Any]]:
     """Each scheme fine-tuned from `source` with cross-entropy alone: the no-distillation baseline."""
-    return _qat_each(source, out, bits, lambda _: None, lambda _: source, resume, quantizer=quantizer,
+    return _qat_each("individual", source, out, bits, lambda _: None, lambda _: source, resume, quantizer=quantizer,
                      act_quantizer=act_quantizer, first_last_bits=first_last_bits, data=data, **train)
 
 
@@ -52,7 +52,7 @@ def apprentice(source: str | Path, out: str | Path, *, bits: str | Sequence[str]
                **train: Any) -> dict[str, dict[str, Any]]:
     """Each scheme starts from `source` and is distilled from `teacher` (default: `source` itself)."""
     teacher = teacher or source
-    return _qat_each(source, out, bits, lambda _: teacher, lambda _: source, resume, temperature=temperature,
+    return _qat_each("apprentice", source, out, bits, lambda _: teacher, lambda _: source, resume, temperature=temperature,
                      alpha=alpha, distill_method=distill_method, quantizer=quantizer, act_quantizer=act_quantizer,
                      first_last_bits=first_last_bits, data=data, **train)
 
@@ -65,7 +65,7 @@ def takd_chain(source: str | Path, out: str | Path, *, bits: str | Sequence[str]
     """The schemes in order, each initialised from the previous one's latent weights and taught
     by its quantized model; the first starts from `source`, taught by `teacher` (default `source`)."""
     teacher = teacher or source
-    return _qat_each(source, out, bits, lambda before: before or teacher, lambda before: before or source, resume,
+    return _qat_each("takd-chain", source, out, bits, lambda before: before or teacher, lambda before: before or source, resume,
                      temperature=temperature, alpha=alpha, distill_method=distill_method, quantizer=quantizer,
                      act_quantizer=act_quantizer,
                      first_last_bits=first_last_bits, data=data, **train)

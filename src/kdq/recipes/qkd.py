@@ -24,7 +24,7 @@ from kdq.engine.objectives import Objective, parts_of
 from kdq.errors import KdqError, suggest
 from kdq.io import load_weights, write_json
 from kdq.quant.lowbit import quantize_lowbit
-from kdq.recipes.common import CHECKS, RECIPES, finished, schemes
+from kdq.recipes.common import CHECKS, RECIPES, announce, each_scheme, finished
 from kdq.rundir.claim import claim
 from kdq.rundir.layout import BEST, BEST_OBJECTIVE, PHASE_FILE
 from kdq.rundir.load import load_teacher
@@ -53,7 +53,9 @@ class MutualKD(Objective):
 def _phase(model: nn.Module, out: Path, data: DataBundle, cfg, objective, resume: bool) -> None:  # noqa: ANN001
     """One intermediate QKD phase into `out`; a finished one is reloaded when resuming, the
     objective's parts (co-studying's teacher) included."""
-    if resume and (out / PHASE_FILE).exists():
+    done = resume and (out / PHASE_FILE).exists()
+    announce(f"  phase {out.name} ({PHASES.index(out.name) + 1}/{len(PHASES)}){': finished, reloaded' if done else ''}")
+    if done:
         weights = load_weights(out / BEST)
         if any(k.startswith("student.") for k in weights):  # kdq before objectives had parts: one pair module
             objective.load_state_dict({k: v for k, v in weights.items() if k.startswith("teacher.")})
@@ -81,7 +83,7 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
     phases = phases or {}
     teacher = teacher or source
     results = {}
-    for scheme in schemes(bits):
+    for scheme in each_scheme("qkd", bits, train.get("seed", 0)):
         run_dir = Path(out) / scheme
         done = finished(run_dir, resume)
         if done is None:
@@ -104,6 +106,7 @@ def qkd(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teach
                 mutual = MutualKD(teacher_net, loss)
                 _phase(student, run_dir / "co_studying", bundle, cfg["co_studying"], mutual, resume)
                 tutor = Distiller(mutual.teacher, taught, "online", cfg["tutoring"].eval_batch_size)
+                announce(f"  phase tutoring ({len(PHASES)}/{len(PHASES)})")
                 done = train_lowbit(student, run_dir, bundle, meta, cfg["tutoring"], record, objective=tutor,
                                     resume=resume, float_params=count_params(model), started=started)
         results[scheme] = {**done, "run_dir": str(run_dir)}

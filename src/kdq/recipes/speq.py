@@ -23,7 +23,7 @@ from kdq.engine.objectives import Objective
 from kdq.errors import KdqError
 from kdq.quant.lowbit import quantize_lowbit
 from kdq.quant.lowbit.layers import lowbit_layers
-from kdq.recipes.common import CHECKS, RECIPES, finished, schemes
+from kdq.recipes.common import CHECKS, RECIPES, each_scheme, finished, schemes
 from kdq.stages.lowbit import fine_tune_config, lowbit_config, lowbit_source, train_lowbit
 
 FLOAT_BITS = 32  # in teacher_bits: leave that layer's activations float
@@ -115,7 +115,7 @@ def speq(source: str | Path, out: str | Path, *, bits: str | Sequence[str], teac
     """SPEQ per scheme, starting from `source`. `teacher_bits` are the widths the teacher pass
     draws from per layer and step (default: the target and 8, or 16 when the target is 8+)."""
     results = {}
-    for scheme in schemes(bits):
+    for scheme in each_scheme("speq", bits, train.get("seed", 0)):
         run_dir = Path(out) / scheme
         done = finished(run_dir, resume)
         if done is None:

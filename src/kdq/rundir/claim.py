@@ -39,6 +39,7 @@ from kdq.rundir.layout import (
     SUMMARY_JSON,
     SUMMARY_MD,
     SWEEP_MD,
+    TENSORBOARD,
     WEIGHTS,
 )
 
@@ -48,7 +49,7 @@ _KIND_OF_COMMAND = {"train": "float", "distill": "float", "quantize": "int8", "q
                     "qat-lowbit": "lowbit", "recipe": "lowbit"}
 # A resumed run may change these training options (train longer, on another device); any other
 # difference from its config.yaml (model, optimizer, lr, data...) is refused.
-RESUME_MAY_CHANGE = ("epochs", "patience", "device", "progress", "eval_batch_size", "amp")
+RESUME_MAY_CHANGE = ("epochs", "patience", "device", "progress", "eval_batch_size", "amp", "log", "log_every")
 _RESUME_MAY_CHANGE_DATA = ("data_dir", "download")
 
 _HELD: dict[Path, int] = {}  # run directories this process has claimed (nested claims are free)
@@ -230,7 +231,8 @@ def _open_lock(out: Path, create: bool) -> int | None:
 
 
 def clear_run(run_dir: str | Path) -> None:
-    """Remove what kdq wrote in `run_dir`: RUN_FILES, eval-* files, qkd phases and sub-runs."""
+    """Remove what kdq wrote in `run_dir`: RUN_FILES, eval-* files, TensorBoard logs, qkd phases and
+    sub-runs."""
     run_dir = Path(run_dir)
     for entry in run_dir.iterdir():
         name = entry.name
@@ -238,7 +240,7 @@ def clear_run(run_dir: str | Path) -> None:
             if name in RUN_FILES or name.startswith(EVAL_PREFIX) or re.fullmatch(r"\..+\.tmp", name) \
                     or KEPT_EPOCH.fullmatch(name):
                 entry.unlink(missing_ok=True)
-        elif name in PHASE_DIRS or re.fullmatch(r"seed\d+", name) or ROUND_DIR.fullmatch(name) \
+        elif name in PHASE_DIRS or name == TENSORBOARD or re.fullmatch(r"seed\d+", name) or ROUND_DIR.fullmatch(name) \
                 or (entry / RUN_FILE).exists() \
                 or _infer_kind(entry, {p.name for p in entry.iterdir()})[0] is not None:
             shutil.rmtree(entry)

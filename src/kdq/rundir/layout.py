@@ -34,6 +34,7 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"  # the best epoch's weights (low-bit runs: latent float weights)
 BEST_OBJECTIVE = "best_objective.safetensors"  # the best epoch's objective parts (adapters, heads)
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"  # folder of TensorBoard event files (--log tensorboard; kdq.engine.tracking)
 # ---- int8 (kdq.quant.serialize) and low-bit (kdq.quant.lowbit.pack) models
 INT8_TENSORS = "quantized.safetensors"
 INT8_MANIFEST = "quantized.json"
@@ -53,6 +54,10 @@ PHASE_FILE = "phase.json"  # qkd: which phase of a scheme's run finished
 SWEEP_MD = "sweep.md"
 SWEEP_PNG = "sweep.png"
 PHASE_DIRS = ("self_studying", "co_studying")  # qkd's intermediate phases inside a scheme's run
+# ---- the comparison report (kdq.report.page): `kdq report --out DIR`, and every experiment folder
+REPORT_HTML = "report.html"  # self-contained: figures embedded, opens from disk
+REPORT_MD = "report.md"  # the same content; its figures are the PNGs beside it
+REPORT_FIGURE = re.compile(r"report-[a-z0-9-]+\.png")  # report_figure()'s names (stale ones are removed)
 # ---- weight rewinding and pruning rounds (kdq.engine.train --keep-epoch, kdq.stages.prune --rounds)
 KEPT_EPOCH = re.compile(r"epoch-(\d+)\.safetensors")  # the weights after epoch k (k = 0: the initial ones)
 ROUND_DIR = re.compile(r"round-(\d+)")  # a pruning round before the last, inside the run it leads to
@@ -61,6 +66,11 @@ ROUND_DIR = re.compile(r"round-(\d+)")  # a pruning round before the last, insid
 def kept_epoch(epoch: int) -> str:
     """The file holding the weights a run kept after `epoch` (0: before training)."""
     return f"epoch-{epoch}.safetensors"
+
+
+def report_figure(name: str) -> str:
+    """The PNG of one report figure beside report.md, e.g. report-accuracy.png."""
+    return f"report-{name}.png"
 
 
 def round_dir(index: int) -> str:
@@ -73,7 +83,7 @@ RUN_FILES = (
     RUN_FILE, CONFIG, RESULTS, WEIGHTS, MODEL_META, CONFUSION, CURVES,
     METRICS, CHECKPOINT, BEST, BEST_OBJECTIVE,
     INT8_TENSORS, INT8_MANIFEST, PACKED_TENSORS, PACKED_MANIFEST, DEPLOYED, DEPLOYED_FLOAT, SPARSE_TENSORS, SPARSE_MANIFEST,
-    STAGE_FILE, SUMMARY_JSON, SUMMARY_MD, PHASE_FILE, SWEEP_MD, SWEEP_PNG,
+    STAGE_FILE, SUMMARY_JSON, SUMMARY_MD, PHASE_FILE, SWEEP_MD, SWEEP_PNG, REPORT_HTML, REPORT_MD,
 )
 
 KINDS = ("float", "int8", "lowbit", "onnx", "recipe", "experiment")  # what a run directory holds (run.json)

@@ -11,12 +11,13 @@ from torch import nn
 
 from kdq.data import DataBundle
 from kdq.engine import FitResult, distributed, fit
+from kdq.engine.train import read_history
 from kdq.errors import KdqError
 from kdq.models import create_model
 from kdq.models.registry import model_input_size
 from kdq.report.plots import plot_confusion, plot_history
 from kdq.rundir.claim import claim
-from kdq.rundir.layout import CONFUSION, CURVES, WEIGHTS, read_results, write_config, write_results
+from kdq.rundir.layout import CONFUSION, CURVES, METRICS, WEIGHTS, read_results, write_config, write_results
 from kdq.rundir.load import data_meta, save_model
 from kdq.stages.evaluate import evaluate
 
@@ -53,11 +54,22 @@ def zoo_spec(model: nn.Module, run: Path) -> dict[str, Any]:
     return spec
 
 
-def record_results(run_dir: Path, results: dict[str, Any], data: DataBundle) -> None:
-    """results.json and confusion_matrix.png: written once, by the command that made the run."""
+def record_results(run_dir: Path, results: dict[str, Any], data: DataBundle, title: str = "") -> None:
+    """results.json, confusion_matrix.png and, for a run that trained, training_curves.png
+    (titled `title`): written once, by the command that made the run."""
     write_results(run_dir, results)
     plot_confusion(results["confusion_matrix"], list(data.classes), run_dir / CONFUSION,
                    title=f"{data.name} {results['split']}: accuracy {results['accuracy']:.4f}")
+    plot_curves(run_dir, title or Path(run_dir).name)
+
+
+def plot_curves(run_dir: Path, title: str) -> Path | None:
+    """training_curves.png from the run's own metrics.jsonl, so every stage kind that trains
+    (train, distill, int8 and low-bit QAT, prune, mutual) draws the same curves, resumed epochs
+    included; None for a run that trained nothing (quantize, one-shot pruning, deploy)."""
+    path = Path(run_dir) / METRICS
+    history = read_history(path) if path.exists() else []
+    return plot_history(history, Path(run_dir) / CURVES, title=title) if history else None
 
 
 def primary_results(out: Path) -> dict[str, Any]:
@@ -95,13 +107,11 @@ def _fit_and_score(net, bundle, cfg, out_dir, record, *, objective, resume) -> R
         return Run(net, out_dir, fit_summary(result, train_time), result, record)
     if out_dir is not None:
         save_model(out_dir, net, data_meta(bundle))
-        if result.history:
-            plot_history(result.history, out_dir / CURVES, title=str(record["model"].get("name")))
     weights = out_dir / WEIGHTS if out_dir is not None else None
     results = evaluate(net, bundle, weights=weights)
     results.update(fit_summary(result, train_time))
     if "labeled" in record:  # --labeled: how many training images kept their labels
         results["labeled"] = record["labeled"]
     if out_dir is not None:
-        record_results(out_dir, results, bundle)
+        record_results(out_dir, results, bundle, title=str(record["model"].get("name") or record["model"].get("class")))
     return Run(net, out_dir, results, result, record)

@@ -157,7 +157,7 @@ def train_lowbit(
         results.update(runtime="pytorch-fakequant", bits=record.get("bits"), quantizer=qmodel.kdq_lowbit["config"],
                        params=float_params, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
                        train_time_s=time.perf_counter() - start)
-        record_results(out, results, data)
+        record_results(out, results, data, title=f"{getattr(qmodel, 'kdq_spec', {}).get('name')} {record.get('bits')}")
     distributed.barrier()  # the other ranks read results.json, and a later scheme this run's files
     return results
 

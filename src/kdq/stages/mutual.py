@@ -23,11 +23,10 @@ from kdq.engine import TrainConfig, distributed, fit, seed_everything
 from kdq.engine.evaluate import predict
 from kdq.errors import KdqError, short_repr
 from kdq.models.registry import model_info
-from kdq.report.plots import plot_history
 from kdq.rundir.claim import claim
-from kdq.rundir.layout import CURVES, WEIGHTS, write_config
+from kdq.rundir.layout import WEIGHTS, write_config
 from kdq.rundir.load import data_meta, resolve_data, save_model
-from kdq.stages.common import Run, build_model, fit_summary, model_spec, record_results
+from kdq.stages.common import Run, build_model, fit_summary, model_spec, plot_curves, record_results
 from kdq.stages.evaluate import evaluate
 from kdq.stages.options import add_data_options, add_run_options, add_train_options, print_results
 from kdq.stages.registry import STAGES, StageKind
@@ -81,8 +80,8 @@ def _fit_and_save(nets, objective, bundle, cfg, out, common, temperature, *, res
     start = time.perf_counter()
     result = fit(nets[0], bundle, cfg, out, objective=objective, resume=resume)  # peers: restored to the best epoch too
     train_time = time.perf_counter() - start
-    if out is not None and result.history:
-        plot_history(result.history, out / CURVES, title=" + ".join(_name(n) for n in nets))
+    if out is not None:
+        plot_curves(out, title=" + ".join(_name(n) for n in nets))
     runs = []
     for k, net in enumerate(nets):
         record = {**common, "model": model_spec(net),

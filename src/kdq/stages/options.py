@@ -27,6 +27,9 @@ _TRAIN_HELP = {
     "deterministic": "deterministic CUDA kernels too (slower); the CPU needs no flag",
     "amp": "mixed precision on CUDA",
     "augment": "random crop/flip where the data set allows it",
+    "progress": "a per-batch progress bar on a terminal",
+    "log": "none, or tensorboard: event files in <out>/tensorboard (needs pip install 'kdq[tensorboard]')",
+    "log_every": "with --log: also the batch loss every N steps",
 }
 
 
@@ -66,19 +69,27 @@ def add_data_options(parser: argparse.ArgumentParser, required: bool = True) -> 
     group.add_argument("--subset", type=int, help="use only this many training and test samples (quick runs)")
     group.add_argument("--split-seed", type=int, dest="split_seed", help="seed of the validation split")
     group.add_argument("--no-download", action="store_true", help="never download missing files")
+    group.add_argument("--data-arg", action="append", default=[], metavar="NAME=VALUE",
+                       help="an option of the data set itself, e.g. samples=1000 features=20 classes=3 (synthetic)")
 
 
 def data_options(args: argparse.Namespace) -> dict[str, Any]:
     val = args.val_size
     if val is not None and not (0 < val < 1 or 1 <= val < math.inf):  # nan fails both
         raise KdqError(f"--val-size must be a count >= 1 or a fraction in (0, 1), got {val:g}")
-    return {
+    common = {
         "data_dir": args.data_dir,
         "val_size": int(val) if val is not None and val >= 1 else val,
         "subset": args.subset,
         "seed": args.split_seed,
         "download": False if args.no_download else None,
     }
+    own = parse_key_values(getattr(args, "data_arg", None), "--data-arg", "samples=1000")
+    for key in own:
+        if key in common or key == "name":
+            flag = {"name": "data", "seed": "split-seed", "download": "no-download"}.get(key, key.replace("_", "-"))
+            raise KdqError(f"--data-arg {key} is not a data set's own option; use --{flag}")
+    return {**common, **own}
 
 
 def add_run_options(parser: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -90,14 +101,19 @@ def add_run_options(parser: argparse.ArgumentParser, resume: bool = True) -> Non
 
 
 def parse_model_args(items: list[str]) -> dict[str, Any]:
+    return parse_key_values(items, "--model-arg", "width=2", "write e.g. hidden=[64,32]")
+
+
+def parse_key_values(items: list[str] | None, flag: str, example: str, fix: str | None = None) -> dict[str, Any]:
+    """Repeated `flag NAME=VALUE` as {name: value}, each value parsed as a YAML scalar or list."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise KdqError(f"--model-arg {short_repr(item)} must look like NAME=VALUE, e.g. width=2")
+            raise KdqError(f"{flag} {short_repr(item)} must look like NAME=VALUE, e.g. {example}")
         if key.strip() in out:
-            raise KdqError(f"--model-arg {short_repr(key.strip())} is given twice; give each option once")
-        out[key.strip()] = parse_yaml(value, f"--model-arg {short_repr(key.strip())}", "write e.g. hidden=[64,32]")
+            raise KdqError(f"{flag} {short_repr(key.strip())} is given twice; give each option once")
+        out[key.strip()] = parse_yaml(value, f"{flag} {short_repr(key.strip())}", fix or f"write e.g. {example}")
     return out
 
 

@@ -37,7 +37,7 @@ from kdq.data import DataBundle
 from kdq.distill import method_spec
 from kdq.distill.objective import Method
 from kdq.engine import TrainConfig, count_params, distributed, fit
-from kdq.engine.config import PRUNE_DEFAULTS, TRAIN_KEYS
+from kdq.engine.config import PRUNE_DEFAULTS, RUN_CONTROL_KEYS, TRAIN_KEYS
 from kdq.engine.train import build_scheduler
 from kdq.errors import KdqError
 from kdq.io import load_weights, write_json
@@ -65,7 +65,7 @@ from kdq.stages.registry import STAGES, StageKind
 METHODS = ("magnitude", "channels")
 REWINDS = ("none", "lr", "weights")
 MAGNITUDE_KEYS = ("sparsity", "gradual")
-CHANNEL_KEYS = ("ratio", "macs", "params", "importance")
+CHANNEL_KEYS = ("ratio", "macs", "params", "importance", "round_to")
 TAYLOR_BATCHES = 8  # batches whose loss gradients score channels for importance "taylor"
 
 
@@ -80,6 +80,7 @@ def prune(
     macs: float | None = None,
     params: float | None = None,
     importance: str | None = None,
+    round_to: int | None = None,
     scope: str = "layer",
     skip: list[str] | None = None,
     rounds: int = 1,
@@ -99,13 +100,15 @@ def prune(
 
     magnitude: `sparsity` (fraction of conv/linear weights set to zero), `scope` "layer" or
     "global", `gradual`. channels: one of `ratio` (fraction of channels removed), `macs` or
-    `params` (a reduction factor, e.g. 2.0), `importance` l1, l2, bn or taylor, `scope`.
+    `params` (a reduction factor, e.g. 2.0), `importance` l1, l2, bn or taylor, `round_to` (kept
+    widths a multiple of it), `scope`.
     `skip` names modules left alone. `epochs=0`: one-shot, no fine-tuning.
     """
     run, out = Path(run), Path(out)
     epochs = options.pop("epochs", PRUNE_DEFAULTS["epochs"])
     check_prune_options(method, sparsity=sparsity, gradual=gradual, ratio=ratio, macs=macs, params=params,
-                        importance=importance, rounds=rounds, rewind=rewind, rewind_epoch=rewind_epoch,
+                        importance=importance, round_to=round_to, rounds=rounds, rewind=rewind,
+                        rewind_epoch=rewind_epoch,
                         epochs=epochs, teacher=teacher)
     cfg = TrainConfig.from_dict({**PRUNE_DEFAULTS, **options, "epochs": max(epochs, 1)})
     source = load_run(run, data)
@@ -114,7 +117,7 @@ def prune(
                        "quantize the pruned run (prune -> quantize, or prune -> qat)")
     model, bundle = source.model, source.data
     zoo_spec(model, run)  # the pruned model must rebuild from its spec
-    config = _config(method, sparsity, ratio, macs, params, importance, scope, skip)
+    config = _config(method, sparsity, ratio, macs, params, importance, round_to, scope, skip)
     rewound = _rewind_weights(run, rewind_epoch) if rewind == "weights" else None
     start_lr = _start_lrs(run, rewind, rewind_epoch, cfg, rounds)
     objective, methods = teacher_objective(teacher, bundle, cfg, distill_method, temperature, alpha, features)
@@ -148,7 +151,7 @@ def prune(
             report["layers"] = sparsity_of(model)["layers"]
         fitted = {k: report.pop(k) for k in ("best_epoch", "best_val_accuracy") if k in report}  # the last round's
         results.update(pruning=report, **fitted, train_time_s=time.perf_counter() - started)
-        record_results(out, results, bundle)
+        record_results(out, results, bundle, title=f"{getattr(model, 'kdq_spec', {}).get('name')} {method} pruning")
     distributed.barrier()
     return results
 
@@ -210,11 +213,12 @@ def _taylor_batches(bundle: DataBundle, cfg: TrainConfig) -> list[tuple[torch.Te
     return [(bundle.train.x[i], bundle.train.y[i]) for i in order.split(cfg.batch_size)]
 
 
-def _config(method, sparsity, ratio, macs, params, importance, scope, skip) -> Magnitude | Channels:  # noqa: ANN001
+def _config(method, sparsity, ratio, macs, params, importance, round_to, scope, skip) -> Magnitude | Channels:  # noqa: ANN001
     skip = tuple(skip or ())
     if method == "magnitude":
         return Magnitude(sparsity=sparsity, scope=scope, skip=skip)
-    return Channels(ratio=ratio, macs=macs, params=params, importance=importance or "l2", scope=scope, skip=skip)
+    return Channels(ratio=ratio, macs=macs, params=params, importance=importance or "l2", scope=scope, skip=skip,
+                    round_to=1 if round_to is None else round_to)
 
 
 def _config_record(config: Magnitude | Channels) -> dict[str, Any]:
@@ -275,13 +279,13 @@ def _load_rewound(model: nn.Module, rewound: dict[str, torch.Tensor]) -> None:
 
 
 def check_prune_options(method: Any, *, sparsity: Any, gradual: Any, ratio: Any, macs: Any, params: Any,
-                        importance: Any, rounds: Any, rewind: Any, rewind_epoch: Any, epochs: Any,
+                        importance: Any, round_to: Any, rounds: Any, rewind: Any, rewind_epoch: Any, epochs: Any,
                         teacher: Any) -> None:
     """Options that make sense together, refused in one line before anything is loaded."""
     if method not in METHODS:
         raise KdqError(f"pruning method must be magnitude (unstructured) or channels (structured), got {method!r}")
     given = {"sparsity": sparsity, "gradual": gradual or None, "ratio": ratio, "macs": macs, "params": params,
-             "importance": importance}
+             "importance": importance, "round_to": round_to}
     other = [k for k in (CHANNEL_KEYS if method == "magnitude" else MAGNITUDE_KEYS) if given[k] is not None]
     if other:
         raise KdqError(f"{other[0]} is an option of the {'channels' if method == 'magnitude' else 'magnitude'} "
@@ -317,11 +321,11 @@ def _check(options: dict[str, Any], train: dict[str, Any]) -> None:
     method = options.get("method", "magnitude")
     epochs = options.get("epochs", PRUNE_DEFAULTS["epochs"])
     check_prune_options(method, **{k: options.get(k) for k in ("sparsity", "ratio", "macs", "params", "importance",
-                                                                 "rewind_epoch")},
+                                                                 "round_to", "rewind_epoch")},
                         gradual=options.get("gradual", False), rounds=options.get("rounds", 1),
                         rewind=options.get("rewind", "none"), epochs=epochs, teacher=options.get("teacher"))
     _config(method, options.get("sparsity"), options.get("ratio"), options.get("macs"), options.get("params"),
-            options.get("importance"), options.get("scope", "layer"), options.get("skip"))
+            options.get("importance"), options.get("round_to"), options.get("scope", "layer"), options.get("skip"))
     TrainConfig.from_dict({**PRUNE_DEFAULTS, **train, "epochs": max(epochs, 1)})
     if "teacher" in options:
         check_kd(options, train, "distill_method")
@@ -342,6 +346,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--params", type=float, help="a target: this many times fewer parameters, e.g. 2")
     group.add_argument("--importance", choices=("l1", "l2", "bn", "taylor"),
                        help="how channels are ranked: filter L1/L2 norm (default l2), batch-norm scale, first-order Taylor")
+    group.add_argument("--round-to", type=int, metavar="N",
+                       help="keep every pruned width a multiple of N (8 or 16 suit ONNX Runtime's blocked kernels)")
     parser.add_argument("--scope", choices=("layer", "global"), default="layer",
                         help="the same fraction in every layer, or one ranking over all layers")
     parser.add_argument("--skip", action="append", metavar="MODULE", help="a module left unpruned (repeatable)")
@@ -362,6 +368,7 @@ def _cli(args: argparse.Namespace) -> None:
     teacher = args.teacher[0] if args.teacher and len(args.teacher) == 1 else args.teacher
     results = prune(args.run, args.out, method=args.prune_method, sparsity=args.sparsity, gradual=args.gradual,
                     ratio=args.ratio, macs=args.macs, params=args.params, importance=args.importance,
+                    round_to=args.round_to,
                     scope=args.scope, skip=args.skip, rounds=args.rounds, rewind=args.rewind,
                     rewind_epoch=args.rewind_epoch, teacher=teacher, temperature=args.temperature, alpha=args.alpha,
                     distill_method=method_spec(args.method, args.method_option) or "kd", features=args.feature,
@@ -376,6 +383,6 @@ STAGES.register(StageKind(
     "prune", prune, "prune a float run: weights zeroed (magnitude) or channels removed (channels), then fine-tune",
     writes="float", check=_check, add_arguments=_arguments, run_cli=_cli,
     # fine-tuning keeps its own gentle defaults: only the run-control defaults carry over
-    inherit=("batch_size", "device", "progress", "amp", "seed"),
+    inherit=RUN_CONTROL_KEYS,
     arch=lambda model, options: f"{model} {options.get('method', 'magnitude')}", distributed=True,
 ))

@@ -18,7 +18,7 @@ from kdq.data import DataBundle
 from kdq.distill import method_spec
 from kdq.distill.objective import Method
 from kdq.engine import TrainConfig, distributed, fit
-from kdq.engine.config import FINE_TUNE_DEFAULTS, QAT_DEFAULTS
+from kdq.engine.config import FINE_TUNE_DEFAULTS, QAT_DEFAULTS, RUN_CONTROL_KEYS
 from kdq.errors import KdqError
 from kdq.quant import apply_qat_freeze, convert_qat, prepare_qat, qat_freeze_callback
 from kdq.rundir.claim import claim
@@ -102,7 +102,7 @@ def _int8_qat(run, out, *, teacher, distill_method, temperature, alpha, features
         results = score_int8(out, qmodel, model, spec, meta, data)
         results.update(best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
                        train_time_s=time.perf_counter() - start)
-        record_results(out, results, data)
+        record_results(out, results, data, title=f"{spec.get('name')} int8 QAT")
     distributed.barrier()  # the other ranks read results.json now
     return results
 
@@ -175,7 +175,7 @@ STAGES.register(StageKind(
     "qat", qat, "quantization-aware fine-tuning (optionally with a teacher), then int8", check=check_qat,
     writes=lambda options: "lowbit" if "bits" in options else "int8",
     # fine-tuning keeps its own gentle defaults: only the run-control defaults carry over
-    inherit=("batch_size", "device", "progress", "amp", "seed"),
+    inherit=RUN_CONTROL_KEYS,
     add_arguments=_arguments, run_cli=_cli, arch=lambda model, options: f"{model} {options.get('bits', 'int8')}",
     distributed=True,
 ))
