@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from kdq.report.compare import collect
 from kdq.report.page import write_report as write_page
 from kdq.report.table import human_bytes, markdown_table
 from kdq.rundir.claim import check_claim, claim
-from kdq.rundir.layout import STAGE_FILE, SUMMARY_JSON, SUMMARY_MD, read_results
+from kdq.rundir.layout import RESULTS, STAGE_FILE, SUMMARY_JSON, SUMMARY_MD, read_results
 from kdq.rundir.load import resolve_data
 from kdq.stages import STAGES
 
@@ -111,9 +112,28 @@ def _write_page(exp: Experiment, root: Path) -> None:
     print(f"wrote {files.html} and {files.markdown}", file=sys.stderr)
 
 
-def _fingerprint(stage: Stage, data_record: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """What a stage's results depend on; equal fingerprints mean the finished run can be reused."""
-    return {"kind": stage.kind, "model": stage.model, "options": options, "train": stage.train, "data": data_record}
+def _fingerprint(stage: Stage, data_record: dict[str, Any], options: dict[str, Any], root: Path,
+                 earlier: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's results depend on; equal fingerprints mean the finished run can be reused.
+
+    That includes the runs of the earlier stages it starts from or learns from: a digest of
+    their results.json files, so a stage whose source or teacher was trained again (changed
+    options, or its folder deleted) is redone too, never reused on top of a model that is gone.
+    """
+    teachers = stage.teacher if isinstance(stage.teacher, list) else [stage.teacher]
+    inputs = {name: _results_digest(root / name) for name in dict.fromkeys([stage.source, *teachers])
+              if name in earlier}
+    fingerprint = {"kind": stage.kind, "model": stage.model, "options": options, "train": stage.train,
+                   "data": data_record}
+    return {**fingerprint, "inputs": inputs} if inputs else fingerprint  # a first stage's is as it always was
+
+
+def _results_digest(stage_dir: Path) -> str:
+    """sha256 over a stage's results.json files (one for a run, one per run of a recipe)."""
+    digest = hashlib.sha256()
+    for path in sorted(stage_dir.rglob(RESULTS)):
+        digest.update(str(path.relative_to(stage_dir)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _same_fingerprint(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
@@ -173,7 +193,7 @@ def _run_stage(stage: Stage, bundle, data_record: dict[str, Any], stage_dir: Pat
     """Run (or reuse) one stage; its rows for the table, and for a sweep report."""
     kind = STAGES.get(stage.kind)
     options = _resolved(stage, root, earlier)
-    fingerprint = _fingerprint(stage, data_record, options)
+    fingerprint = _fingerprint(stage, data_record, options, root, earlier)
     same = _same_fingerprint(stage_dir, fingerprint)
     finished = _finished_results(stage_dir) if same and kind.collect is None else {}
     if finished:

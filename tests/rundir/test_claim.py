@@ -286,6 +286,9 @@ def test_kdq_run_retrains_a_changed_stage_and_reuses_the_others(tmp_path, capsys
     # watching a run differently (progress bar, TensorBoard) does not make a finished stage stale
     code, _, err = run(capsys, "run", exp, "--out", root, "--set", "q.calibration_batches=2", "--set", "a.progress=true")
     assert code == 0 and "reusing finished stage a" in err and "reusing finished stage q" in err, err
+    # a stage built on a retrained stage is redone, never reused on top of a model that is gone
+    code, _, err = run(capsys, "run", exp, "--out", root, "--set", "q.calibration_batches=2", "--set", "a.lr=0.02")
+    assert code == 0 and "reusing finished stage" not in err, err
     # an experiment never writes into another kind of run
     err = refused(capsys, root / "a", "run", exp, "--out", root / "a")
     assert "holds a float run" in err
