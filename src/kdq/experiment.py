@@ -10,6 +10,7 @@ from typing import Any
 
 from kdq.config import Experiment, Stage
 from kdq.engine import describe_machine, distributed
+from kdq.engine.config import WATCHING_KEYS
 from kdq.errors import KdqError
 from kdq.io import read_json, write_json, write_text
 from kdq.recipes import write_report
@@ -149,12 +150,9 @@ def _same_fingerprint(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
     return _what_counts(recorded) == _what_counts(fingerprint)
 
 
-# Training options that change how a run is watched, not what it computes: turning the progress
-# bar or TensorBoard on does not make a finished stage stale.
-WATCHING_KEYS = ("progress", "log", "log_every")
-
-
 def _what_counts(fingerprint: Any) -> Any:
+    """The fingerprint without how the run is watched: turning the progress bar or TensorBoard on
+    does not make a finished stage stale."""
     if not (isinstance(fingerprint, dict) and isinstance(fingerprint.get("train"), dict)):
         return fingerprint
     return {**fingerprint, "train": {k: v for k, v in fingerprint["train"].items() if k not in WATCHING_KEYS}}

@@ -128,6 +128,8 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != 
 # The `train:` defaults of an experiment that its fine-tuning stages (qat, prune, recipe) take;
 # they keep their own gentle defaults for the rest (epochs, lr, warm-up: QAT_DEFAULTS above).
 RUN_CONTROL_KEYS = ("batch_size", "device", "progress", "amp", "seed", "log", "log_every")
+# Run controls that change how a run is watched, not what it computes (a progress bar, TensorBoard).
+WATCHING_KEYS = ("progress", "log", "log_every")
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdq.engine import describe_machine
+from kdq.engine.config import WATCHING_KEYS
 from kdq.errors import KdqError, short_repr, suggest
 from kdq.io import read_json, read_text
 from kdq.report.sweep import weight_bits
@@ -46,7 +47,7 @@ _FIX = "the run directory is damaged; leave it out of the comparison, or retrain
 _MODEL_KINDS = ("float", "int8", "lowbit", "onnx")  # run kinds that hold one model (kdq.rundir.layout.KINDS)
 _SEED_PART = re.compile(r"(?:^|[-_.])(?:s|seed)\d+$")  # "seed1", "s0", "kd-s2": a folder named by its seed
 # Training options that do not change the model: runs differing only here are the same model.
-_IGNORED_TRAIN = ("progress", "eval_batch_size", "device")
+_IGNORED_TRAIN = (*WATCHING_KEYS, "eval_batch_size", "device")
 
 
 @dataclass
