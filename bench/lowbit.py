@@ -22,7 +22,6 @@ Goals (issue 4), each in accuracy points below the float model: w8a8 at most 0.3
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from markdown_section import replace_section  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"w8a8": 0.3, "w4a4": 1.0, "w2a2": 4.0}  # most accuracy points lost against float
@@ -124,15 +125,6 @@ def _numel(shape: list[int]) -> int:
     for size in shape:
         n *= size
     return n
-
-
-def replace_section(path: Path, report: str) -> None:
-    from kdq.io import write_text
-
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    match = re.search(rf"^{SECTION}.*?(?=^## |\Z)", text, flags=re.S | re.M)
-    text = text[: match.start()] + report + "\n" + text[match.end():] if match else text.rstrip() + "\n\n" + report + "\n"
-    write_text(path, text)
 
 
 def main() -> None:
@@ -234,7 +226,7 @@ def main() -> None:
     if png.exists():
         (ROOT / "bench" / "lowbit.png").write_bytes(png.read_bytes())
     if args.write:
-        replace_section(Path(args.write), report)
+        replace_section(Path(args.write), SECTION, report)
 
 
 if __name__ == "__main__":

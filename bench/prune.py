@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -40,6 +39,7 @@ from kdq.engine import describe_machine, environment  # noqa: E402
 from kdq.report.table import human_bytes  # noqa: E402
 from kdq.rundir.layout import DEPLOYED  # noqa: E402
 from kdq.stages.evaluate import evaluate_onnx_file  # noqa: E402
+from markdown_section import replace_section  # noqa: E402  (bench/ is on sys.path)
 
 SECTION = "## Pruning: accuracy, size and speed (issue 12)"
 REWINDS = {"fine-tune": "none", "lr rewinding": "lr", "weight rewinding": "weights"}
@@ -200,15 +200,6 @@ def plot(curves: dict, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def replace_section(path: Path, report: str) -> None:
-    from kdq.io import write_text
-
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    match = re.search(rf"^{re.escape(SECTION)}.*?(?=^## |\Z)", text, flags=re.S | re.M)
-    text = text[: match.start()] + report + "\n" + text[match.end():] if match else text.rstrip() + "\n\n" + report + "\n"
-    write_text(path, text)
-
-
 def main() -> None:  # noqa: PLR0915 - one report, top to bottom
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench-prune")
@@ -308,7 +299,7 @@ def main() -> None:  # noqa: PLR0915 - one report, top to bottom
     (out / "report.md").write_text(report)
     print(report)
     if args.write:
-        replace_section(Path(args.write), report)
+        replace_section(Path(args.write), SECTION, report)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kdq.engine import describe_machine, environment  # noqa: E402
+from markdown_section import replace_section  # noqa: E402  (bench/ is on sys.path)
 
 SECTION = "## Quickstart over seeds (issue 9)"
 
@@ -73,15 +74,7 @@ def main() -> None:
     text = report(per_seed, command)
     print(text)
     if args.write:
-        path = Path(args.write)
-        old = path.read_text()
-        start = old.find(SECTION)
-        if start < 0:
-            new = old.rstrip("\n") + "\n\n" + text
-        else:
-            end = old.find("\n## ", start + len(SECTION))
-            new = old[:start] + text + (old[end:] if end >= 0 else "")
-        path.write_text(new)
+        replace_section(Path(args.write), SECTION, text)
     print(f"environment: {environment()}", file=sys.stderr)
 
 

@@ -35,8 +35,8 @@ from kdq.rundir.load import saved_meta, shape_text
 from kdq.stages import STAGES, StageKind
 
 TOP_LEVEL = ("name", "out", "data", "train", "stages", "compare")
-DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download",
-             "samples", "features", "classes")  # the last three: a generated data set's size (synthetic)
+_SOURCE_KEYS = ("samples", "features", "classes")  # data keys the data set itself checks (Source.configure)
+DATA_KEYS = ("name", "data_dir", "val_size", "subset", "seed", "download", *_SOURCE_KEYS)
 QUANT_CHOICES = {
     "method": ("static", "dynamic"),
     "backend": ("x86", "fbgemm", "qnnpack"),
@@ -323,9 +323,6 @@ def _check_default_types(kind: StageKind, options: dict[str, Any], where: str) -
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-_SOURCE_KEYS = ("samples", "features", "classes")  # data keys the data set itself checks (Source.configure)
 
 
 def _data_shape(name: str, options: dict[str, Any]) -> tuple[str, tuple[int, ...], int]:

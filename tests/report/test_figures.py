@@ -19,6 +19,7 @@ from kdq.report.figures import (
     plot_per_class,
     plot_sweep,
     plot_tradeoff,
+    tradeoff_front,
 )
 from tests.report.fake import keep_figures
 
@@ -178,6 +179,14 @@ def test_tradeoff_labels_every_point_without_overlap_and_steps_along_the_front(r
     (step,) = [line for line in ax.get_lines() if line.get_drawstyle() == "steps-post"]
     assert list(step.get_ydata()) == pytest.approx([90.0, 90.5, 93.0])
     assert list(step.get_xdata()) == pytest.approx([80_000 / 2**20, 300_000 / 2**20, 4_000_000 / 2**20])
+
+
+def test_tradeoff_front_names_the_points_the_figure_steps_through(rows):
+    rows.append(make_row("broken", float("nan"), 100_000, 0.1))  # left out of the front as of the figure
+    assert tradeoff_front(rows, "size_bytes") == ["int8", "kd", "teacher"]
+    assert tradeoff_front(rows, "latency_ms") == ["int8", "kd", "teacher"]
+    with pytest.raises(KdqError, match="got 'params'"):
+        tradeoff_front(rows, "params")
 
 
 def test_tradeoff_size_axis_is_in_kb_when_every_model_is_small(rows, drawn, tmp_path):

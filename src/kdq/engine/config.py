@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdq.engine.device import resolve_device
+from kdq.engine.tracking import INSTALL
 from kdq.errors import KdqError, suggest
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -105,7 +106,7 @@ class TrainConfig:
         _check(self.log_every is None or self.log != "none", "log_every needs a logger; add log: tensorboard (--log tensorboard)")
         # a missing package fails here, before any work, not after the first epoch
         _check(self.log != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
-               "log: tensorboard needs the tensorboard package; install it with: pip install 'kdq[tensorboard]'")
+               f"log: tensorboard needs the tensorboard package; install it with: {INSTALL}")
         resolve_device(self.device)  # an unknown or absent device fails here, before any work
 
     @classmethod

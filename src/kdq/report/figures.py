@@ -173,19 +173,32 @@ def _log_ticks(ax: Axes, fmt: Callable[[float], str] = "{:g}".format) -> None:
     ax.tick_params(axis="x", which="both", labelsize=8)
 
 
-def plot_tradeoff(rows: Iterable[Mapping[str, Any]], x: str, path: str | Path, title: str = "") -> Path | None:
-    """Accuracy against model size or latency (log axis), every point labelled, the Pareto front
-    (best accuracy for its cost, from the mean accuracies) drawn as a step line over starred
-    points; error bars: accuracy std over seeds, and the latency spread."""
+def _tradeoff_points(rows: Iterable[Mapping[str, Any]], x: str) -> list[tuple[str, float, float, float, float]]:
+    """The points plot_tradeoff draws: (label, cost, accuracy %, std %, cost spread) of each row
+    with a positive cost and an accuracy."""
     if x not in _TRADEOFF_AXES:
         raise KdqError(f"trade-off axis must be one of {', '.join(_TRADEOFF_AXES)}, got {x!r}")
-    points = []  # (label, cost, accuracy %, std %, cost spread)
+    points = []
     for i, row in enumerate(_rows(rows)):
         cost, acc = finite_float(row.get(x)), _percent(row)
         if cost is None or cost <= 0 or acc is None:  # a log axis has no place for 0
             continue
         spread = finite_float(row.get("latency_spread_ms")) if x == "latency_ms" else None
         points.append((_label(row, i), cost, acc[0], _seed_std(row, acc[1]), spread if spread and spread > 0 else 0.0))
+    return points
+
+
+def tradeoff_front(rows: Iterable[Mapping[str, Any]], x: str) -> list[str]:
+    """Labels of the rows on the Pareto front that plot_tradeoff(rows, x) draws, cheapest first."""
+    points = _tradeoff_points(rows, x)
+    return [points[i][0] for i in pareto_front([(p[1], p[2]) for p in points])]
+
+
+def plot_tradeoff(rows: Iterable[Mapping[str, Any]], x: str, path: str | Path, title: str = "") -> Path | None:
+    """Accuracy against model size or latency (log axis), every point labelled, the Pareto front
+    (best accuracy for its cost, from the mean accuracies) drawn as a step line over starred
+    points; error bars: accuracy std over seeds, and the latency spread."""
+    points = _tradeoff_points(rows, x)
     if not points:
         return None
     if x == "size_bytes":

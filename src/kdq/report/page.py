@@ -34,7 +34,7 @@ from kdq.errors import KdqError, suggest
 from kdq.io import write_text
 from kdq.report.compare import COLUMNS, Row, check_rows, collect, md_escape, pick_reference, summary_cells
 from kdq.report.figures import (
-    pareto_front, plot_accuracy_bars, plot_confusions, plot_curves, plot_per_class, plot_sweep, plot_tradeoff,
+    plot_accuracy_bars, plot_confusions, plot_curves, plot_per_class, plot_sweep, plot_tradeoff, tradeoff_front,
 )
 from kdq.report.table import markdown_table
 from kdq.rundir.layout import REPORT_FIGURE, REPORT_HTML, REPORT_MD, report_figure
@@ -159,12 +159,6 @@ def _names(rows: list[Row]) -> str:
     return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
-def _front(rows: list[Row], x: str) -> list[str]:
-    """Labels of the rows on the Pareto front of accuracy against `x` (as plot_tradeoff draws it)."""
-    points = [(r, getattr(r, x)) for r in rows if getattr(r, x) is not None and getattr(r, x) > 0]
-    return [points[i][0].label for i in pareto_front([(cost, r.accuracy) for r, cost in points])]
-
-
 # ---- the sections
 
 
@@ -178,14 +172,14 @@ def _tradeoff(rows: list[Row], ref: Row, dicts: dict[int, dict[str, Any]], out: 
     path = plot_tradeoff([dicts[id(r)] for r in rows], "size_bytes", out / report_figure("size"),
                          f"{ref.dataset}: accuracy against model size")
     if path is not None:
-        front = _front(rows, "size_bytes")
+        front = tradeoff_front([dicts[id(r)] for r in rows], "size_bytes")
         section.figures.append(_Figure(path, f"Accuracy against size on disk; Pareto front (no smaller model is "
                                              f"as accurate): {', '.join(front)}."))
     here = [r for r in rows if r.machine == ref.machine]  # latency is compared on one machine only
     path = plot_tradeoff([dicts[id(r)] for r in here], "latency_ms", out / report_figure("latency"),
                          f"{ref.dataset}: accuracy against batch-1 latency on {_short_machine(ref.machine)}")
     if path is not None:
-        front = _front(here, "latency_ms")
+        front = tradeoff_front([dicts[id(r)] for r in here], "latency_ms")
         away = [r for r in rows if r.machine != ref.machine]
         left = f" Left out, measured on another machine: {_names(away)}." if away else ""
         section.figures.append(_Figure(path, f"Accuracy against median batch-1 latency on {ref.machine}; Pareto front "

@@ -6,11 +6,18 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """`columns` are (key, header) pairs; cells are str()-ed, so format numbers before."""
+def _layout(rows: Sequence[dict[str, Any]],
+            columns: Sequence[tuple[str, str]]) -> tuple[list[str], list[list[str]], list[int]]:
+    """(headers, cells, column widths) of a table: `columns` are (key, header) pairs."""
     headers = [h for _, h in columns]
     cells = [[str(row.get(k, "")) for k, _ in columns] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    return headers, cells, widths
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """`columns` are (key, header) pairs; cells are str()-ed, so format numbers before."""
+    headers, cells, widths = _layout(rows, columns)
     line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), sep, *(line(c) for c in cells)])
@@ -18,9 +25,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 def plain_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """The same table for a terminal: columns two spaces apart, the header underlined."""
-    headers = [h for _, h in columns]
-    cells = [[str(row.get(k, "")) for k, _ in columns] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    headers, cells, widths = _layout(rows, columns)
     line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)])
 
